@@ -1,0 +1,3 @@
+"""``protoalign bench`` (being built)."""
+
+COMMANDS: list = []

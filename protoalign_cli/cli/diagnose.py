@@ -1,0 +1,3 @@
+"""``protoalign diagnose`` (being built)."""
+
+COMMANDS: list = []

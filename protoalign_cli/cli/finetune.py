@@ -1,0 +1,3 @@
+"""``protoalign finetune`` (being built)."""
+
+COMMANDS: list = []

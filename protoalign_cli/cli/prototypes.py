@@ -1,0 +1,3 @@
+"""``protoalign prototypes`` (being built)."""
+
+COMMANDS: list = []

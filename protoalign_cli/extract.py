@@ -1,0 +1,308 @@
+"""Stage 1: per-atom latents of a MACE model over a set of structures, streamed into HDF5.
+
+Per atom we record the 0e node features after every interaction block (concatenated), then the
+energy contributions after scaling (eV): ``scale * pair`` (models with pair repulsion) and
+``scale * readout_k`` for every readout k, so that
+
+    node_energy = E0 + sum(energy columns) + shift          (ScaleShiftMACE; plain MACE: scale 1, shift 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from protoalign_cli import __version__, schema
+from protoalign_cli.errors import ProtoalignError
+from protoalign_cli.models import ModelInfo, describe_model, load_model, scalar_slices, scale_and_shift
+from protoalign_cli.outputs import check_writable, partial_path
+from protoalign_cli.provenance import command_line, package_version
+from protoalign_cli.structures import iter_structures, scan_structures, selected_indices
+
+
+class ReadoutCapture:
+    """Forward hooks that keep the last output of every readout block ([n_atoms, n_heads]).
+
+    For models with pair repulsion, ``pair`` keeps the per-atom pair energy ([n_atoms]).
+    """
+
+    def __init__(self, model):
+        self.outputs: list = [None] * len(model.readouts)
+        self.pair = None
+        self._handles = [
+            readout.register_forward_hook(self._hook(k)) for k, readout in enumerate(model.readouts)
+        ]
+        if hasattr(model, "pair_repulsion_fn"):
+            self._handles.append(model.pair_repulsion_fn.register_forward_hook(self._hook("pair")))
+
+    def _hook(self, k):
+        def keep(_module, _inputs, output):
+            if k == "pair":
+                self.pair = output
+            else:
+                self.outputs[k] = output
+
+        return keep
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+
+
+def atoms_to_graph(atoms, info: ModelInfo, head: str):
+    """Convert an ase.Atoms into MACE's AtomicData for the given model and head (default dtype)."""
+    from mace import data as mace_data
+    from mace.tools import AtomicNumberTable
+
+    config = mace_data.config_from_atoms(atoms, key_specification=mace_data.KeySpecification(), head_name=head)
+    z_table = AtomicNumberTable(list(info.atomic_numbers))
+    return mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=info.r_max, heads=list(info.heads))
+
+
+def batch_latents(model, batch, capture: ReadoutCapture, slices) -> dict[str, np.ndarray]:
+    """Run the model on a collated batch and return per-atom rows (latent, energies in eV, Z).
+
+    ``slices`` are the 0e column ranges of ``node_feats`` per interaction block (``scalar_slices``).
+    """
+    import torch
+
+    output = model(batch.to_dict(), training=False, compute_force=False)
+    n_atoms = batch["positions"].shape[0]
+    atoms_arange = torch.arange(n_atoms, device=batch["positions"].device)
+    node_heads = batch["head"][batch["batch"]] if "head" in batch else torch.zeros_like(atoms_arange)
+    scale, shift = scale_and_shift(model, node_heads)
+    node_feats = output["node_feats"]
+    columns = [node_feats[:, start:stop] for layer in slices for start, stop in layer]
+    if capture.pair is not None:
+        columns.append((scale * capture.pair)[:, None])
+    for readout_output in capture.outputs:
+        columns.append((scale * readout_output[atoms_arange, node_heads])[:, None])
+    node_e0 = model.atomic_energies_fn(batch["node_attrs"])[atoms_arange, node_heads]
+    node_energy = output["node_energy"].double()
+    return {
+        schema.LATENT: torch.cat(columns, dim=1).detach().cpu().numpy(),
+        schema.NODE_ENERGY: node_energy.detach().cpu().numpy(),
+        schema.ENERGY_MINUS_E0: (node_energy - node_e0.double()).detach().cpu().numpy(),
+    }
+
+
+@dataclass
+class ExtractRequest:
+    """Everything ``protoalign extract`` was asked to do."""
+
+    model: str
+    configs: Sequence[Path]
+    out: Path
+    device: str = "cpu"
+    dtype: str = "float64"
+    batch_size: int = 32
+    head: str | None = None
+    max_configs: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: a bar only on a TTY
+
+
+def iter_selected(configs: Sequence[Path], counts: Sequence[int], selection: Sequence[int]) -> Iterator[tuple[int, int, object]]:
+    """Yield (file index, configuration index within the file, atoms) for the selected global indices."""
+    wanted = set(selection)
+    offset = 0
+    for file_index, (path, count) in enumerate(zip(configs, counts)):
+        if any(offset <= g < offset + count for g in wanted):
+            for local, atoms in enumerate(iter_structures(path)):
+                if offset + local in wanted:
+                    yield file_index, local, atoms
+        offset += count
+
+
+def run_extract(request: ExtractRequest) -> dict:
+    """Extract latents for the selected configurations into ``request.out`` (HDF5); return a summary.
+
+    The file is written under a temporary name (``.NAME.partial``) and renamed when complete; an
+    interrupted run can be continued with ``resume``.
+    """
+    import h5py
+    import torch
+    from mace.tools import torch_geometric
+    from mace.tools.torch_tools import default_dtype
+    from tqdm import tqdm
+
+    from protoalign_cli.models import resolve_model_path
+
+    if request.batch_size < 1:
+        raise ProtoalignError("--batch-size must be >= 1")
+    if request.max_configs is not None and request.max_configs < 1:
+        raise ProtoalignError("--max-configs must be >= 1")
+    out = Path(request.out)
+    tmp = partial_path(out)
+    if not request.overwrite or request.resume:
+        check_writable(out, request.overwrite)
+    if tmp.exists() and not (request.resume or request.overwrite):
+        raise ProtoalignError(f"an interrupted run left {tmp}; pass --resume to continue it or --overwrite to start over")
+    if not out.parent.exists():
+        raise ProtoalignError(f"output folder {out.parent} does not exist")
+
+    model_path = resolve_model_path(request.model)
+    model = load_model(model_path, request.device, request.dtype)
+    info = describe_model(model, model_path)
+    head = request.head or info.heads[0]
+    if head not in info.heads:
+        raise ProtoalignError(f"--head {head!r} is not one of the model's heads: {', '.join(info.heads)}")
+    configs = [Path(p) for p in request.configs]
+    if not configs:
+        raise ProtoalignError("give at least one --configs file")
+    counts = [scan_structures(path, set(info.atomic_numbers)) for path in configs]
+    selection = selected_indices(sum(counts), request.shard, request.max_configs)
+    header = schema.LatentHeader(
+        model_sha256=info.sha256, model_path=str(model_path), mace_version=package_version("mace-torch"),
+        model_type=info.model_type, r_max=info.r_max, e0s={h: {str(z): e for z, e in d.items()} for h, d in info.e0_by_head().items()},
+        heads=list(info.heads), head=head, layout=[vars(b) for b in info.layout],
+        source_files=[str(p.resolve()) for p in configs], dtype=request.dtype, command_line=command_line(),
+        protoalign_version=__version__, shard=f"{request.shard[0]}/{request.shard[1]}", n_configs_selected=len(selection),
+    )
+    if tmp.exists() and not request.resume:
+        tmp.unlink()
+    slices = scalar_slices(model)
+    capture = ReadoutCapture(model)
+    show_bar = sys.stderr.isatty() if request.progress is None else request.progress
+    try:
+        with h5py.File(tmp, "a" if request.resume and tmp.exists() else "w") as handle:
+            if schema.LATENT in handle:
+                _check_resumable(handle, header, tmp)
+            writer = schema.LatentWriter(handle, header, info.latent_dim, request.dtype)
+            writer.truncate_to_progress()
+            todo = selection[writer.configs_done:]
+            with default_dtype(request.dtype), torch.no_grad(), tqdm(
+                total=len(selection), initial=writer.configs_done, unit="config", disable=not show_bar, desc="extract"
+            ) as bar:
+                pending: list = []
+                for file_index, local, atoms in iter_selected(configs, counts, todo):
+                    pending.append((file_index, local, atoms))
+                    if len(pending) == request.batch_size:
+                        _write_batch(model, capture, slices, info, head, pending, writer, request.device, torch_geometric)
+                        bar.update(len(pending))
+                        pending = []
+                if pending:
+                    _write_batch(model, capture, slices, info, head, pending, writer, request.device, torch_geometric)
+                    bar.update(len(pending))
+            writer.finish()
+            n_atoms = writer.n_rows
+    except KeyboardInterrupt:
+        raise ProtoalignError(f"interrupted; {tmp} kept, rerun with --resume to continue") from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    finally:
+        capture.remove()
+    os.replace(tmp, out)
+    return {"out": str(out), "n_configs": len(selection), "n_atoms": n_atoms, "model_sha256": info.sha256, "head": head}
+
+
+def _check_resumable(handle, header: schema.LatentHeader, tmp: Path) -> None:
+    old = schema.LatentHeader.from_attrs(handle.attrs)
+    for field in ("model_sha256", "head", "source_files", "dtype", "shard", "n_configs_selected", "layout"):
+        if getattr(old, field) != getattr(header, field):
+            raise ProtoalignError(f"cannot resume {tmp}: its {field} differs from this run's; use --overwrite to start over")
+
+
+def _write_batch(model, capture, slices, info, head, pending, writer, device, torch_geometric) -> None:
+    rows = _rows_for_atoms(model, capture, slices, info, head, [atoms for _, _, atoms in pending], device, torch_geometric)
+    rows[schema.CONFIG_INDEX] = np.concatenate([np.full(len(a), local) for _, local, a in pending])
+    rows[schema.SOURCE_FILE_INDEX] = np.concatenate([np.full(len(a), f) for f, _, a in pending]).astype(np.int32)
+    writer.append(rows, len(pending))
+
+
+def _rows_for_atoms(model, capture, slices, info, head, atoms_list, device, torch_geometric) -> dict[str, np.ndarray]:
+    graphs = [atoms_to_graph(atoms, info, head) for atoms in atoms_list]
+    batch = torch_geometric.batch.Batch.from_data_list(graphs).to(device)
+    rows = batch_latents(model, batch, capture, slices)
+    rows[schema.ATOMIC_NUMBER] = np.concatenate([atoms.numbers for atoms in atoms_list]).astype(np.int32)
+    rows[schema.ATOM_INDEX] = np.concatenate([np.arange(len(a)) for a in atoms_list]).astype(np.int32)
+    return rows
+
+
+def latents_of_atoms(model, info: ModelInfo, atoms_list: Sequence, head: str | None = None,
+                     batch_size: int = 32, device: str = "cpu") -> dict[str, np.ndarray]:
+    """In-memory latents of a list of ase.Atoms under a loaded model (see ``load_model``).
+
+    Returns the per-atom arrays of the latent file schema (``latent``, ``node_energy`` and
+    ``energy_minus_e0`` in eV, ``atomic_number``, ``atom_index``) plus ``config_index``
+    (position in ``atoms_list``). Used by finetune and diagnose for target structures.
+    """
+    import torch
+    from mace.tools import torch_geometric
+    from mace.tools.torch_tools import default_dtype
+
+    head = head or info.heads[0]
+    known = set(info.atomic_numbers)
+    for i, atoms in enumerate(atoms_list):
+        unknown = set(int(z) for z in atoms.numbers) - known
+        if unknown:
+            raise ProtoalignError(f"configuration {i}: atomic number(s) {sorted(unknown)} not in the model")
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    slices = scalar_slices(model)
+    capture = ReadoutCapture(model)
+    parts = []
+    try:
+        with default_dtype(dtype), torch.no_grad():
+            for start in range(0, len(atoms_list), batch_size):
+                chunk = list(atoms_list[start:start + batch_size])
+                rows = _rows_for_atoms(model, capture, slices, info, head, chunk, device, torch_geometric)
+                rows[schema.CONFIG_INDEX] = np.concatenate([np.full(len(a), start + i) for i, a in enumerate(chunk)])
+                parts.append(rows)
+    finally:
+        capture.remove()
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def merge_latents(inputs: Sequence[Path], out: Path, overwrite: bool = False) -> dict:
+    """Concatenate latent files of one model into ``out``, rows in input order, streaming.
+
+    All inputs must come from the same model (sha256), head, dtype and latent layout. Source
+    files are unioned and ``source_file_index`` remapped; rows keep their (file, config, atom)
+    labels, so a merge of shards equals an unsharded run up to row order.
+    """
+    import h5py
+
+    from protoalign_cli.outputs import atomic_output
+
+    if not inputs:
+        raise ProtoalignError("give at least one latent file to merge")
+    headers, rows = [], 0
+    for path in inputs:
+        with schema.open_latents(path) as handle:
+            headers.append(schema.LatentHeader.from_attrs(handle.attrs))
+            rows += handle[schema.ATOMIC_NUMBER].shape[0]
+    first = headers[0]
+    for path, header in zip(inputs[1:], headers[1:]):
+        for field in ("model_sha256", "head", "dtype", "layout"):
+            if getattr(header, field) != getattr(first, field):
+                raise ProtoalignError(f"cannot merge {path}: its {field} differs from {inputs[0]}'s")
+    sources: list[str] = []
+    for header in headers:
+        sources += [s for s in header.source_files if s not in sources]
+    merged = schema.LatentHeader(**{**vars(first), "source_files": sources, "shard": "merged", "command_line": command_line(),
+                                    "n_configs_selected": sum(h.n_configs_selected for h in headers)})
+    latent_dim = sum(block["size"] for block in first.layout)
+    with atomic_output(Path(out), overwrite) as tmp, h5py.File(tmp, "w") as target:
+        writer = schema.LatentWriter(target, merged, latent_dim, first.dtype)
+        for path, header in zip(inputs, headers):
+            remap = np.array([sources.index(s) for s in header.source_files], dtype=np.int32)
+            with schema.open_latents(path) as handle:
+                n = handle[schema.ATOMIC_NUMBER].shape[0]
+                for start in range(0, n, 1 << 16):
+                    part = {name: handle[name][start:start + (1 << 16)] for name in (schema.LATENT, *schema.PER_ATOM_DATASETS)}
+                    part[schema.SOURCE_FILE_INDEX] = remap[part[schema.SOURCE_FILE_INDEX]]
+                    writer.append(part, 0)
+            target.attrs["configs_done"] = writer.configs_done + header.n_configs_selected
+        writer.finish()
+    return {"out": str(out), "n_atoms": rows}

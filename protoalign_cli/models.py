@@ -1,0 +1,186 @@
+"""Loading MACE checkpoints (paths or foundation names) and describing their latent layout.
+
+The latent of an atom is the 0e (scalar) part of the node features after every interaction
+block, concatenated, followed by the per-readout energy contributions after scaling (eV).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from protoalign_cli.errors import ProtoalignError
+from protoalign_cli.provenance import sha256_file
+
+MACE_OFF_NAMES = ("small_off", "medium_off", "large_off")
+
+
+def foundation_names() -> list[str]:
+    """Return the foundation model names that mace-torch can download (MACE-MP family and MACE-OFF23)."""
+    from mace.calculators.foundations_models import mace_mp_urls
+
+    return sorted(mace_mp_urls) + list(MACE_OFF_NAMES)
+
+
+def resolve_model_path(model: str) -> Path:
+    """Return the checkpoint file for a path or a MACE foundation name, using mace's cache/download.
+
+    Foundation names resolve through mace-torch's own code into ``~/.cache/mace`` (honouring
+    XDG_CACHE_HOME); a name whose file is cached needs no network.
+    """
+    path = Path(model)
+    if path.exists():
+        if not path.is_file():
+            raise ProtoalignError(f"model {model} is not a file")
+        return path
+    if model not in foundation_names():
+        raise ProtoalignError(
+            f"model {model!r} is neither an existing file nor a MACE foundation name "
+            f"({', '.join(foundation_names())})"
+        )
+    try:
+        return _download_foundation(model)
+    except Exception as exc:  # network errors come in many types
+        raise ProtoalignError(
+            f"could not obtain foundation model {model!r} ({type(exc).__name__}: {exc}); "
+            "without network, download it elsewhere and pass its path"
+        ) from exc
+
+
+def _download_foundation(name: str) -> Path:
+    import mace  # noqa: F401  (sets the torch.load flag e3nn needs)
+    from mace.calculators import foundations_models as fm
+    from mace.tools.utils import get_cache_dir
+
+    if name in MACE_OFF_NAMES:
+        size = name.split("_")[0]
+        url = fm.mace_off_urls[size]
+        cached = Path(get_cache_dir()) / Path(url).name.split("?")[0]
+        if not cached.is_file():
+            fm.mace_off(model=size, return_raw_model=True, device="cpu")
+        return cached
+    return Path(fm.download_mace_mp_checkpoint(name))
+
+
+def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):
+    """Load a MACE checkpoint for inference: eval mode, no parameter gradients, given dtype/device."""
+    import mace  # noqa: F401  (must precede e3nn)
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ProtoalignError("--device cuda was asked for but CUDA is not available")
+    try:
+        model = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:
+        raise ProtoalignError(f"cannot load MACE checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    missing = [name for name in ("interactions", "products", "readouts", "atomic_energies_fn") if not hasattr(model, name)]
+    if not isinstance(model, torch.nn.Module) or missing:
+        raise ProtoalignError(f"{path} is not a MACE model checkpoint (it holds a {type(model).__name__})")
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentBlock:
+    """A contiguous block of latent columns: ``kind`` is 'interaction' or 'energy'."""
+
+    name: str
+    kind: str
+    start: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the later stages need to know about a checkpoint (energies in eV, lengths in Å)."""
+
+    sha256: str
+    model_type: str
+    r_max: float
+    atomic_numbers: tuple[int, ...]
+    heads: tuple[str, ...]
+    e0s: np.ndarray  # [n_heads, n_elements], eV, columns in atomic_numbers order
+    layout: tuple[LatentBlock, ...]
+    has_pair_repulsion: bool
+
+    @property
+    def latent_dim(self) -> int:
+        """Total number of latent columns."""
+        return sum(block.size for block in self.layout)
+
+    def e0_by_head(self) -> dict[str, dict[int, float]]:
+        """Return E0 (eV) as {head: {Z: E0}}."""
+        return {
+            head: {int(z): float(self.e0s[h, j]) for j, z in enumerate(self.atomic_numbers)}
+            for h, head in enumerate(self.heads)
+        }
+
+
+def model_heads(model) -> tuple[str, ...]:
+    """Return the model's head names (old single-head checkpoints have none: 'Default')."""
+    return tuple(getattr(model, "heads", None) or ["Default"])
+
+
+def scalar_slices(model) -> list[list[tuple[int, int]]]:
+    """For each interaction block, the (start, stop) column ranges of its 0e features in ``node_feats``.
+
+    Offsets are absolute in the concatenated ``node_feats`` output of the model.
+    """
+    from e3nn import o3
+
+    slices, offset = [], 0
+    for product in model.products:
+        irreps = o3.Irreps(str(product.linear.irreps_out))
+        layer = []
+        for (mul, ir), block in zip(irreps, irreps.slices()):
+            if ir == o3.Irrep("0e"):
+                layer.append((offset + block.start, offset + block.stop))
+        slices.append(layer)
+        offset += irreps.dim
+    return slices
+
+
+def describe_model(model, path: Path) -> ModelInfo:
+    """Describe a loaded MACE model: hash of its file, type, r_max, E0s, heads and latent layout."""
+    layout, start = [], 0
+    for i, layer in enumerate(scalar_slices(model)):
+        size = sum(stop - begin for begin, stop in layer)
+        layout.append(LatentBlock(f"interaction_{i}", "interaction", start, size))
+        start += size
+    has_pair = hasattr(model, "pair_repulsion")
+    if has_pair:
+        layout.append(LatentBlock("pair_repulsion", "energy", start, 1))
+        start += 1
+    for k in range(len(model.readouts)):
+        layout.append(LatentBlock(f"readout_{k}", "energy", start, 1))
+        start += 1
+    e0s = model.atomic_energies_fn.atomic_energies.detach().cpu().double().numpy()
+    heads = model_heads(model)
+    e0s = np.atleast_2d(e0s).reshape(len(heads), -1)
+    return ModelInfo(
+        sha256=sha256_file(path),
+        model_type=type(model).__name__,
+        r_max=float(model.r_max),
+        atomic_numbers=tuple(int(z) for z in model.atomic_numbers),
+        heads=heads,
+        e0s=e0s,
+        layout=tuple(layout),
+        has_pair_repulsion=has_pair,
+    )
+
+
+def scale_and_shift(model, node_heads):
+    """Per-atom (scale, shift) of a ScaleShiftMACE for the given per-atom head indices; (1, 0) for MACE."""
+    import torch
+
+    block = getattr(model, "scale_shift", None)
+    if block is None:
+        ones = torch.ones(node_heads.shape[0], dtype=torch.get_default_dtype(), device=node_heads.device)
+        return ones, torch.zeros_like(ones)
+    scale = torch.atleast_1d(block.scale)[node_heads]
+    shift = torch.atleast_1d(block.shift)[node_heads]
+    return scale, shift
