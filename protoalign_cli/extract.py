@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from protoalign_cli import __version__, schema
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.models import ModelInfo, describe_model, load_model, scalar_slices, scale_and_shift
+from protoalign_cli.models import (
+    ModelInfo,
+    describe_model,
+    has_pair_repulsion,
+    import_mace_quietly,
+    load_model,
+    resolve_model_path,
+    scalar_slices,
+    scale_and_shift,
+)
 from protoalign_cli.outputs import check_writable, partial_path
-from protoalign_cli.provenance import command_line, package_version
-from protoalign_cli.structures import iter_structures, scan_structures, selected_indices
+from protoalign_cli.provenance import command_line, package_version, run_summary, write_summary
+from protoalign_cli.structures import iter_selected, scan_structures, selected_indices
 
 
 class ReadoutCapture:
@@ -38,7 +49,7 @@ class ReadoutCapture:
         self._handles = [
             readout.register_forward_hook(self._hook(k)) for k, readout in enumerate(model.readouts)
         ]
-        if hasattr(model, "pair_repulsion_fn"):
+        if has_pair_repulsion(model):
             self._handles.append(model.pair_repulsion_fn.register_forward_hook(self._hook("pair")))
 
     def _hook(self, k):
@@ -111,31 +122,26 @@ class ExtractRequest:
     progress: bool | None = None  # None: a bar only on a TTY
 
 
-def iter_selected(configs: Sequence[Path], counts: Sequence[int], selection: Sequence[int]) -> Iterator[tuple[int, int, object]]:
-    """Yield (file index, configuration index within the file, atoms) for the selected global indices."""
-    wanted = set(selection)
-    offset = 0
-    for file_index, (path, count) in enumerate(zip(configs, counts)):
-        if any(offset <= g < offset + count for g in wanted):
-            for local, atoms in enumerate(iter_structures(path)):
-                if offset + local in wanted:
-                    yield file_index, local, atoms
-        offset += count
+def summary_path(out: Path) -> Path:
+    """Return where the JSON run summary of an output file goes (``NAME.json`` beside ``NAME``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
 
 
 def run_extract(request: ExtractRequest) -> dict:
     """Extract latents for the selected configurations into ``request.out`` (HDF5); return a summary.
 
     The file is written under a temporary name (``.NAME.partial``) and renamed when complete; an
-    interrupted run can be continued with ``resume``.
+    interrupted run (Ctrl-C, SIGTERM from a batch scheduler) keeps it, and ``resume`` continues
+    it from the last complete batch. Any other failure removes it. A JSON run summary is written
+    beside the output (``summary_path``).
     """
+    import_mace_quietly()
     import h5py
     import torch
     from mace.tools import torch_geometric
     from mace.tools.torch_tools import default_dtype
     from tqdm import tqdm
-
-    from protoalign_cli.models import resolve_model_path
 
     if request.batch_size < 1:
         raise ProtoalignError("--batch-size must be >= 1")
@@ -143,12 +149,15 @@ def run_extract(request: ExtractRequest) -> dict:
         raise ProtoalignError("--max-configs must be >= 1")
     out = Path(request.out)
     tmp = partial_path(out)
-    if not request.overwrite or request.resume:
-        check_writable(out, request.overwrite)
+    check_writable(out, request.overwrite)
     if tmp.exists() and not (request.resume or request.overwrite):
         raise ProtoalignError(f"an interrupted run left {tmp}; pass --resume to continue it or --overwrite to start over")
-    if not out.parent.exists():
-        raise ProtoalignError(f"output folder {out.parent} does not exist")
+    configs = [Path(p) for p in request.configs]
+    if not configs:
+        raise ProtoalignError("give at least one --configs file")
+    resolved = [str(p.resolve()) for p in configs]
+    if len(set(resolved)) < len(resolved):
+        raise ProtoalignError("the same --configs file is given more than once")
 
     model_path = resolve_model_path(request.model)
     model = load_model(model_path, request.device, request.dtype)
@@ -156,43 +165,53 @@ def run_extract(request: ExtractRequest) -> dict:
     head = request.head or info.heads[0]
     if head not in info.heads:
         raise ProtoalignError(f"--head {head!r} is not one of the model's heads: {', '.join(info.heads)}")
-    configs = [Path(p) for p in request.configs]
-    if not configs:
-        raise ProtoalignError("give at least one --configs file")
-    counts = [scan_structures(path, set(info.atomic_numbers)) for path in configs]
+    counts = count_inputs(configs, set(info.atomic_numbers), request.max_configs)
     selection = selected_indices(sum(counts), request.shard, request.max_configs)
+    if not selection:
+        raise ProtoalignError(f"shard {request.shard[0]}/{request.shard[1]} selects no configuration (only {sum(counts)} given)")
     header = schema.LatentHeader(
         model_sha256=info.sha256, model_path=str(model_path), mace_version=package_version("mace-torch"),
-        model_type=info.model_type, r_max=info.r_max, e0s={h: {str(z): e for z, e in d.items()} for h, d in info.e0_by_head().items()},
+        model_type=info.model_type, r_max=info.r_max,
+        e0s={h: {str(z): e for z, e in d.items()} for h, d in info.e0_by_head().items()},
         heads=list(info.heads), head=head, layout=[vars(b) for b in info.layout],
-        source_files=[str(p.resolve()) for p in configs], dtype=request.dtype, command_line=command_line(),
+        source_files=resolved, dtype=request.dtype, command_line=command_line(),
         protoalign_version=__version__, shard=f"{request.shard[0]}/{request.shard[1]}", n_configs_selected=len(selection),
+        atomic_inter_scale=info.scale_by_head(), atomic_inter_shift=info.shift_by_head(),
     )
-    if tmp.exists() and not request.resume:
+    resuming = request.resume and tmp.exists()
+    if resuming:
+        _check_resumable(tmp, header)
+    elif tmp.exists():
         tmp.unlink()
     slices = scalar_slices(model)
     capture = ReadoutCapture(model)
     show_bar = sys.stderr.isatty() if request.progress is None else request.progress
+    configs_before = 0
     try:
-        with h5py.File(tmp, "a" if request.resume and tmp.exists() else "w") as handle:
-            if schema.LATENT in handle:
-                _check_resumable(handle, header, tmp)
+        with _sigterm_as_interrupt(), h5py.File(tmp, "a" if resuming else "w") as handle:
             writer = schema.LatentWriter(handle, header, info.latent_dim, request.dtype)
             writer.truncate_to_progress()
+            configs_before = writer.configs_done
             todo = selection[writer.configs_done:]
+            buffer = RowBuffer(writer)
             with default_dtype(request.dtype), torch.no_grad(), tqdm(
                 total=len(selection), initial=writer.configs_done, unit="config", disable=not show_bar, desc="extract"
             ) as bar:
                 pending: list = []
-                for file_index, local, atoms in iter_selected(configs, counts, todo):
-                    pending.append((file_index, local, atoms))
-                    if len(pending) == request.batch_size:
-                        _write_batch(model, capture, slices, info, head, pending, writer, request.device, torch_geometric)
+                try:
+                    for item in iter_selected(configs, counts, todo):
+                        pending.append(item)
+                        if len(pending) == request.batch_size:
+                            _write_batch(model, capture, slices, info, head, pending, buffer, request.device, torch_geometric)
+                            bar.update(len(pending))
+                            pending = []
+                    if pending:
+                        _write_batch(model, capture, slices, info, head, pending, buffer, request.device, torch_geometric)
                         bar.update(len(pending))
-                        pending = []
-                if pending:
-                    _write_batch(model, capture, slices, info, head, pending, writer, request.device, torch_geometric)
-                    bar.update(len(pending))
+                except KeyboardInterrupt:
+                    buffer.flush()  # keep the batches already computed
+                    raise
+            buffer.flush()
             writer.finish()
             n_atoms = writer.n_rows
     except KeyboardInterrupt:
@@ -204,21 +223,119 @@ def run_extract(request: ExtractRequest) -> dict:
     finally:
         capture.remove()
     os.replace(tmp, out)
-    return {"out": str(out), "n_configs": len(selection), "n_atoms": n_atoms, "model_sha256": info.sha256, "head": head}
+    result = {"out": str(out), "n_configs": len(selection), "n_atoms": n_atoms, "model_sha256": info.sha256,
+              "head": head, "resumed_after_configs": configs_before}
+    inputs = {"model": str(model_path), "configs": resolved, "head": head, "device": request.device,
+              "dtype": request.dtype, "batch_size": request.batch_size, "max_configs": request.max_configs,
+              "shard": header.shard, "resume": request.resume}
+    write_summary(summary_path(out), run_summary("extract", inputs, result))
+    return result
 
 
-def _check_resumable(handle, header: schema.LatentHeader, tmp: Path) -> None:
-    old = schema.LatentHeader.from_attrs(handle.attrs)
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM (what SLURM sends at a time limit) into KeyboardInterrupt while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done, then deliver them to the handlers in force before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
+def _check_resumable(tmp: Path, header: schema.LatentHeader) -> None:
+    """Refuse (keeping the partial file) to resume a partial file written with other settings or unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(tmp, "r") as handle:
+            if handle.attrs.get("kind") != schema.LATENTS_KIND or schema.LATENT not in handle:
+                raise ProtoalignError(f"cannot resume from {tmp}: not a protoalign latent file; use --overwrite to start over")
+            old = schema.LatentHeader.from_attrs(handle.attrs)
+    except OSError as exc:
+        raise ProtoalignError(f"cannot resume from {tmp}, it is unreadable ({exc}); use --overwrite to start over") from None
     for field in ("model_sha256", "head", "source_files", "dtype", "shard", "n_configs_selected", "layout"):
         if getattr(old, field) != getattr(header, field):
             raise ProtoalignError(f"cannot resume {tmp}: its {field} differs from this run's; use --overwrite to start over")
 
 
-def _write_batch(model, capture, slices, info, head, pending, writer, device, torch_geometric) -> None:
+def count_inputs(configs: Sequence[Path], known_numbers: set[int], max_configs: int | None) -> list[int]:
+    """Configurations per input file, counting (and checking elements) only up to ``max_configs`` in all.
+
+    Files past the cap are only checked to exist (their count is 0: nothing of them is selected).
+    """
+    counts: list[int] = []
+    for path in configs:
+        remaining = None if max_configs is None else max_configs - sum(counts)
+        if remaining is not None and remaining <= 0:
+            if not Path(path).is_file():
+                raise ProtoalignError(f"structure file {path} does not exist")
+            counts.append(0)
+        else:
+            counts.append(scan_structures(path, known_numbers, remaining))
+    return counts
+
+
+class RowBuffer:
+    """Collects per-atom rows of whole batches and appends them to a LatentWriter in chunk-sized pieces.
+
+    Fewer, larger HDF5 writes (and progress updates) than one per batch; ``flush`` writes what is held.
+    """
+
+    def __init__(self, writer: schema.LatentWriter, min_rows: int = schema.CHUNK_ROWS):
+        self.writer = writer
+        self.min_rows = min_rows
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.n_rows = 0
+        self.n_configs = 0
+
+    def add(self, rows: dict[str, np.ndarray], n_configs: int) -> None:
+        """Hold the rows of ``n_configs`` complete configurations; write once ``min_rows`` are held."""
+        self.parts.append(rows)
+        self.n_rows += len(rows[schema.ATOMIC_NUMBER])
+        self.n_configs += n_configs
+        if self.n_rows >= self.min_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append everything held to the file (then forget it)."""
+        if not self.parts:
+            return
+        rows = {name: np.concatenate([part[name] for part in self.parts]) for name in self.parts[0]}
+        with _signals_deferred():  # rows and progress attributes are written together or not at all
+            self.writer.append(rows, self.n_configs)
+            self.parts, self.n_rows, self.n_configs = [], 0, 0
+
+
+def _write_batch(model, capture, slices, info, head, pending, buffer: RowBuffer, device, torch_geometric) -> None:
     rows = _rows_for_atoms(model, capture, slices, info, head, [atoms for _, _, atoms in pending], device, torch_geometric)
-    rows[schema.CONFIG_INDEX] = np.concatenate([np.full(len(a), local) for _, local, a in pending])
+    rows[schema.CONFIG_INDEX] = np.concatenate([np.full(len(a), local, dtype=np.int64) for _, local, a in pending])
     rows[schema.SOURCE_FILE_INDEX] = np.concatenate([np.full(len(a), f) for f, _, a in pending]).astype(np.int32)
-    writer.append(rows, len(pending))
+    buffer.add(rows, len(pending))
 
 
 def _rows_for_atoms(model, capture, slices, info, head, atoms_list, device, torch_geometric) -> dict[str, np.ndarray]:
@@ -238,16 +355,21 @@ def latents_of_atoms(model, info: ModelInfo, atoms_list: Sequence, head: str | N
     ``energy_minus_e0`` in eV, ``atomic_number``, ``atom_index``) plus ``config_index``
     (position in ``atoms_list``). Used by finetune and diagnose for target structures.
     """
+    import_mace_quietly()
     import torch
     from mace.tools import torch_geometric
     from mace.tools.torch_tools import default_dtype
 
     head = head or info.heads[0]
+    if head not in info.heads:
+        raise ProtoalignError(f"head {head!r} is not one of the model's heads: {', '.join(info.heads)}")
     known = set(info.atomic_numbers)
     for i, atoms in enumerate(atoms_list):
         unknown = set(int(z) for z in atoms.numbers) - known
         if unknown:
             raise ProtoalignError(f"configuration {i}: atomic number(s) {sorted(unknown)} not in the model")
+    if not atoms_list:
+        return _empty_rows(info)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     slices = scalar_slices(model)
     capture = ReadoutCapture(model)
@@ -257,11 +379,20 @@ def latents_of_atoms(model, info: ModelInfo, atoms_list: Sequence, head: str | N
             for start in range(0, len(atoms_list), batch_size):
                 chunk = list(atoms_list[start:start + batch_size])
                 rows = _rows_for_atoms(model, capture, slices, info, head, chunk, device, torch_geometric)
-                rows[schema.CONFIG_INDEX] = np.concatenate([np.full(len(a), start + i) for i, a in enumerate(chunk)])
+                rows[schema.CONFIG_INDEX] = np.concatenate(
+                    [np.full(len(a), start + i, dtype=np.int64) for i, a in enumerate(chunk)]
+                )
                 parts.append(rows)
     finally:
         capture.remove()
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _empty_rows(info: ModelInfo) -> dict[str, np.ndarray]:
+    rows = {name: np.zeros(0, dtype=dtype) for name, dtype in schema.PER_ATOM_DATASETS.items()
+            if name != schema.SOURCE_FILE_INDEX}
+    rows[schema.LATENT] = np.zeros((0, info.latent_dim))
+    return rows
 
 
 def merge_latents(inputs: Sequence[Path], out: Path, overwrite: bool = False) -> dict:
@@ -277,6 +408,8 @@ def merge_latents(inputs: Sequence[Path], out: Path, overwrite: bool = False) ->
 
     if not inputs:
         raise ProtoalignError("give at least one latent file to merge")
+    if len({Path(p).resolve() for p in inputs}) < len(inputs):
+        raise ProtoalignError("the same latent file is given more than once")
     headers, rows = [], 0
     for path in inputs:
         with schema.open_latents(path) as handle:
@@ -287,6 +420,7 @@ def merge_latents(inputs: Sequence[Path], out: Path, overwrite: bool = False) ->
         for field in ("model_sha256", "head", "dtype", "layout"):
             if getattr(header, field) != getattr(first, field):
                 raise ProtoalignError(f"cannot merge {path}: its {field} differs from {inputs[0]}'s")
+    _check_disjoint_shards(inputs, headers)
     sources: list[str] = []
     for header in headers:
         sources += [s for s in header.source_files if s not in sources]
@@ -305,4 +439,21 @@ def merge_latents(inputs: Sequence[Path], out: Path, overwrite: bool = False) ->
                     writer.append(part, 0)
             target.attrs["configs_done"] = writer.configs_done + header.n_configs_selected
         writer.finish()
-    return {"out": str(out), "n_atoms": rows}
+    result = {"out": str(out), "n_atoms": rows, "n_configs": merged.n_configs_selected}
+    write_summary(summary_path(out), run_summary("merge-latents", {"inputs": [str(p) for p in inputs]}, result))
+    return result
+
+
+def _check_disjoint_shards(inputs: Sequence[Path], headers: Sequence[schema.LatentHeader]) -> None:
+    """Refuse inputs that would repeat atoms: runs over the same source files must be distinct shards I/N of one N."""
+    groups: dict[tuple, list[tuple[Path, str]]] = {}
+    for path, header in zip(inputs, headers):
+        groups.setdefault(tuple(header.source_files), []).append((path, header.shard))
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        shards = [shard for _, shard in members]
+        counts = {shard.split("/")[-1] for shard in shards}
+        if "merged" in shards or len(counts) > 1 or len(set(shards)) < len(shards):
+            listing = ", ".join(f"{path} ({shard})" for path, shard in members)
+            raise ProtoalignError(f"these inputs cover the same source files and would repeat atoms: {listing}")

@@ -6,7 +6,11 @@ block, concatenated, followed by the per-readout energy contributions after scal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +54,36 @@ def resolve_model_path(model: str) -> Path:
 
 
 def _download_foundation(name: str) -> Path:
-    import mace  # noqa: F401  (sets the torch.load flag e3nn needs)
+    """Locate (or download) a foundation checkpoint with mace-torch's own code; its messages go to stderr."""
+    import_mace_quietly()
     from mace.calculators import foundations_models as fm
     from mace.tools.utils import get_cache_dir
 
-    if name in MACE_OFF_NAMES:
-        size = name.split("_")[0]
-        url = fm.mace_off_urls[size]
-        cached = Path(get_cache_dir()) / Path(url).name.split("?")[0]
-        if not cached.is_file():
-            fm.mace_off(model=size, return_raw_model=True, device="cpu")
-        return cached
-    return Path(fm.download_mace_mp_checkpoint(name))
+    with contextlib.redirect_stdout(sys.stderr):
+        if name in MACE_OFF_NAMES:
+            size = name.split("_")[0]
+            cached = Path(get_cache_dir()) / Path(fm.mace_off_urls[size]).name.split("?")[0]
+            if not cached.is_file():
+                fm.mace_off(model=size, return_raw_model=True, device="cpu")
+            return cached
+        return Path(fm.download_mace_mp_checkpoint(name))
+
+
+def import_mace_quietly() -> None:
+    """Import mace (before e3nn) without its import-time chatter.
+
+    mace prints a cuequivariance notice on stdout and e3nn warns about torch.load; both would
+    pollute a command's output (stdout is meant for results, stderr for one-line errors).
+    """
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mace.modules  # noqa: F401  (must precede e3nn)
+        import e3nn.o3  # noqa: F401
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):
     """Load a MACE checkpoint for inference: eval mode, no parameter gradients, given dtype/device."""
-    import mace  # noqa: F401  (must precede e3nn)
+    import_mace_quietly()
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -106,6 +123,8 @@ class ModelInfo:
     e0s: np.ndarray  # [n_heads, n_elements], eV, columns in atomic_numbers order
     layout: tuple[LatentBlock, ...]
     has_pair_repulsion: bool
+    scales: tuple[float, ...]  # per head: energy columns are already multiplied by it
+    shifts: tuple[float, ...]  # per head, eV: node_energy = E0 + sum(energy columns) + shift
 
     @property
     def latent_dim(self) -> int:
@@ -118,6 +137,14 @@ class ModelInfo:
             head: {int(z): float(self.e0s[h, j]) for j, z in enumerate(self.atomic_numbers)}
             for h, head in enumerate(self.heads)
         }
+
+    def scale_by_head(self) -> dict[str, float]:
+        """Return the per-head scale of the interaction energy ({head: scale}; 1 for plain MACE)."""
+        return dict(zip(self.heads, self.scales))
+
+    def shift_by_head(self) -> dict[str, float]:
+        """Return the per-head shift (eV) added to every atom's energy ({head: shift}; 0 for plain MACE)."""
+        return dict(zip(self.heads, self.shifts))
 
 
 def model_heads(model) -> tuple[str, ...]:
@@ -151,7 +178,7 @@ def describe_model(model, path: Path) -> ModelInfo:
         size = sum(stop - begin for begin, stop in layer)
         layout.append(LatentBlock(f"interaction_{i}", "interaction", start, size))
         start += size
-    has_pair = hasattr(model, "pair_repulsion")
+    has_pair = has_pair_repulsion(model)
     if has_pair:
         layout.append(LatentBlock("pair_repulsion", "energy", start, 1))
         start += 1
@@ -161,6 +188,7 @@ def describe_model(model, path: Path) -> ModelInfo:
     e0s = model.atomic_energies_fn.atomic_energies.detach().cpu().double().numpy()
     heads = model_heads(model)
     e0s = np.atleast_2d(e0s).reshape(len(heads), -1)
+    scales, shifts = _per_head_scale_shift(model, len(heads))
     return ModelInfo(
         sha256=sha256_file(path),
         model_type=type(model).__name__,
@@ -170,7 +198,26 @@ def describe_model(model, path: Path) -> ModelInfo:
         e0s=e0s,
         layout=tuple(layout),
         has_pair_repulsion=has_pair,
+        scales=scales,
+        shifts=shifts,
     )
+
+
+def _per_head_scale_shift(model, n_heads: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    block = getattr(model, "scale_shift", None)
+    if block is None:
+        return (1.0,) * n_heads, (0.0,) * n_heads
+
+    def per_head(values) -> tuple[float, ...]:
+        flat = values.detach().cpu().double().reshape(-1).numpy()
+        return tuple(float(v) for v in np.broadcast_to(flat, (n_heads,)))
+
+    return per_head(block.scale), per_head(block.shift)
+
+
+def has_pair_repulsion(model) -> bool:
+    """Whether the model adds a ZBL pair repulsion energy per atom (MACE's own test for it)."""
+    return hasattr(model, "pair_repulsion")
 
 
 def scale_and_shift(model, node_heads):

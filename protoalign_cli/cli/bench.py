@@ -1,3 +1,44 @@
-"""``protoalign bench`` (being built)."""
+"""``protoalign bench``: does alignment beat plain fine-tuning on your data, with error bars?"""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("bench")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: bench_runs/<config name>). Rerunning resumes: finished runs are kept.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Runs at once (subprocesses).")
+@click.option("--slurm", is_flag=True, help="Prepare splits and source, then write OUT/bench.sbatch (an array job, one task per run) instead of running.")
+@click.option("--only", multiple=True, metavar="METHOD",
+              help="Run only this method's runs this time (repeatable); the summaries cover every finished run.")
+@click.option("--run-index", type=int, default=None, help="Run only this run of the grid (what each array task calls).")
+@click.option("--expect-run", default=None, hidden=True, help="METHOD/N<N>_seed<S> that --run-index must be.")
+def bench_command(config, out, jobs, slurm, only, run_index, expect_run):
+    """Run a grid of fine-tuning runs (methods x budgets x seeds) from CONFIG.yaml and summarise it.
+
+    Writes OUT/runs.csv, OUT/summary.md (mean ± sd over seeds, paired % difference to plain
+    fine-tuning) and OUT/learning_curve.png. See benchmarks/configs/ for examples.
+    """
+    from protoalign_cli.bench import BenchLayout, execute_run, load_config, run_grid, write_slurm_script
+
+    settings = load_config(config)
+    out = out or Path("bench_runs") / settings.name
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    if run_index is not None:
+        result = execute_run(settings, BenchLayout(out), run_index, expect_run)
+        click.echo(f"{result['method']} N={result['n_train']} seed={result['seed']}: test energy MAE "
+                   f"{result['energy_mae_mev']:.2f} meV, force MAE {result['force_mae_mev_per_a']:.2f} meV/Å")
+        return
+    if slurm:
+        script = write_slurm_script(settings, out, say)
+        click.echo(f"wrote {script}; submit it with `sbatch {script}`, then rerun this command without --slurm to summarise")
+        return
+    result = run_grid(settings, out, jobs, say, only)
+    click.echo(f"{result['done']} runs done ({result['ran']} this time); summary in {result['outputs']['summary']}")
+
+
+COMMANDS = [bench_command]

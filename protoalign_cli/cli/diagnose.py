@@ -1,3 +1,62 @@
-"""``protoalign diagnose`` (being built)."""
+"""``protoalign diagnose``: can this target trust these prototypes?"""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from protoalign_cli.cli.options import batch_size_option, device_option, overwrite_option
+
+COVERAGE_FAILURE_EXIT = 2
+
+
+@click.command("diagnose")
+@click.option("--prototypes", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Prototype file from `protoalign prototypes`.")
+@click.option("--configs", "configs", multiple=True, required=True, metavar="FILE",
+              help="Target structure file ASE reads (extxyz, ...); repeat for several.")
+@click.option("--model", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Fine-tuned MACE model: compare its per-atom energies with the prototype energies.")
+@click.option("--model-head", default=None, help="Head of the fine-tuned model (default: its first head).")
+@click.option("--foundation-model", default=None, metavar="PATH|NAME",
+              help="Pretrained model (default: the prototype file's model path); must match its sha256.")
+@click.option("--energy-key", default=None,
+              help="Info key of the reference energy (eV) [default: REF_energy; if absent the predictor is skipped, "
+                   "while an explicitly given key that no configuration has is an error].")
+@click.option("--map", "map_method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
+              help="2-D map of the latent space (tsne needs scikit-learn).")
+@click.option("--radius-factor", type=float, default=1.5, show_default=True,
+              help="An atom is covered when distance <= factor x radius of its nearest prototype.")
+@click.option("--spread-threshold", "spread_threshold", type=float, default=50.0, show_default=True,
+              help="Flag prototypes whose source members' energy std exceeds this (meV).")
+@click.option("--fail-below-coverage", type=float, default=None, metavar="X",
+              help=f"Exit with status {COVERAGE_FAILURE_EXIT} (after writing the report) when coverage < X.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write report.json, report.md and the figures into.")
+@device_option
+@batch_size_option
+@overwrite_option
+def diagnose_command(prototypes, configs, model, model_head, foundation_model, energy_key, map_method,
+                     radius_factor, spread_threshold, fail_below_coverage, out, device, batch_size, overwrite):
+    """Coverage, energy consistency and spread of PROTOTYPES for a target; a report in OUT."""
+    from protoalign_cli.diagnose import DiagnoseRequest, run_diagnose
+
+    request = DiagnoseRequest(
+        prototypes=prototypes, configs=[Path(c) for c in configs], out=out, model=model, model_head=model_head,
+        foundation_model=foundation_model, energy_key=energy_key, map_method=map_method,
+        radius_factor=radius_factor, spread_threshold_meV=spread_threshold,
+        fail_below_coverage=fail_below_coverage, device=device, batch_size=batch_size, overwrite=overwrite,
+    )
+    summary = run_diagnose(request)
+    results = summary["results"]
+    for line in results["verdict"]:
+        click.echo(line)
+    click.echo(f"report: {out / 'report.md'}")
+    if fail_below_coverage is not None and results["coverage"]["overall"] < fail_below_coverage:
+        click.echo(f"Error: coverage {results['coverage']['overall']:.3f} is below {fail_below_coverage:g}", err=True)
+        sys.exit(COVERAGE_FAILURE_EXIT)
+
+
+COMMANDS = [diagnose_command]

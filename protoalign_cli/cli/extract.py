@@ -19,17 +19,30 @@ from protoalign_cli.cli.options import (
 @model_option
 @click.option("--configs", "configs", multiple=True, required=True, metavar="FILE",
               help="Structure file ASE reads (extxyz, ...); repeat for several.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Latent HDF5 file to write.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Latent HDF5 file to write (a run summary goes next to it as OUT.json).")
 @device_option
 @dtype_option
 @batch_size_option
 @click.option("--head", default=None, help="Head of a multi-head model (default: its first head).")
 @click.option("--max-configs", type=int, default=None, help="Use only the first N configurations (over all files).")
-@click.option("--shard", default=None, metavar="I/N", help="Take every N-th selected configuration starting at I (SLURM arrays).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its .partial file.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Take every N-th selected configuration starting at I (SLURM arrays; join with merge-latents).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (Ctrl-C, SIGTERM) from its .OUT.partial file.")
 @overwrite_option
 def extract_command(model, configs, out, device, dtype, batch_size, head, max_configs, shard, resume, overwrite):
-    """Per-atom latents of MODEL over structure files, streamed into an HDF5 file."""
+    """Per-atom latents of a MACE model over structure files, streamed into an HDF5 file.
+
+    \b
+    protoalign extract --model foundation.model --configs source.xyz --out latents.h5
+    # SLURM array of 8 tasks, then one merge:
+    protoalign extract --model small_off --configs source.xyz \\
+        --shard $SLURM_ARRAY_TASK_ID/8 --out latents_$SLURM_ARRAY_TASK_ID.h5 --resume
+    protoalign merge-latents latents_*.h5 --out latents.h5
+
+    Per atom: the 0e node features after every interaction block, then the per-readout
+    energies (eV); see docs/schema.md.
+    """
     from protoalign_cli.extract import ExtractRequest, run_extract
     from protoalign_cli.structures import parse_shard
 

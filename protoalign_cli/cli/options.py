@@ -19,4 +19,3 @@ batch_size_option = click.option(
     "--batch-size", type=int, default=32, show_default=True, help="Configurations per model evaluation."
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
-existing_file = click.Path(exists=False, dir_okay=False, path_type=str)

@@ -1,0 +1,294 @@
+"""protoalign bench: config checks, metrics, selection on validation, summaries, and a real tiny grid."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from protoalign_cli import bench
+from protoalign_cli.cli import main
+from protoalign_cli.errors import ProtoalignError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(folder: Path, model: Path, target: Path, methods: str, extra: str = "", epochs: int = 1) -> Path:
+    """A bench YAML over the tiny model and molecules (pool 0-11, valid 12-15, test 16-23)."""
+    path = folder / "bench.yaml"
+    path.write_text(f"""
+name: tiny
+foundation_model: {model}
+source:
+  structures: [{target}]
+  prototypes_args: [--k, '2']
+target: {{files: {target}}}
+split: {{pool: [0, 12], valid: [12, 16], test: [16, 24]}}
+budgets: [6]
+seeds: [0, 1]
+mace_args: {{E0s: estimated, lr: 0.01, batch_size: 2, max_num_epochs: {epochs}, default_dtype: float64}}
+methods:
+{methods}
+{extra}
+""")
+    return path
+
+
+NAIVE_ALIGN = """  - {method: naive}
+  - {name: align-1e-2, method: align, align_weight: 0.01}
+  - {name: best, method: select, from: [align-1e-2]}"""
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_error_metrics_in_mev_per_atom_and_per_angstrom():
+    pred_e, ref_e, n_atoms = np.array([1.0, 2.0]), np.array([1.003, 1.996]), np.array([3, 2])
+    pred_f = np.zeros((5, 3))
+    ref_f = np.zeros((5, 3))
+    ref_f[0, 0], ref_f[4, 2] = 0.03, -0.06
+    metrics = bench.error_metrics(pred_e, ref_e, n_atoms, pred_f, ref_f)
+    assert metrics["energy_mae_mev"] == pytest.approx(3.5)
+    assert metrics["energy_rmse_mev"] == pytest.approx(math.sqrt((9 + 16) / 2))
+    assert metrics["energy_mae_mev_per_atom"] == pytest.approx((1.0 + 2.0) / 2)
+    assert metrics["force_mae_mev_per_a"] == pytest.approx(90.0 / 15)
+    assert metrics["force_rmse_mev_per_a"] == pytest.approx(math.sqrt((900 + 3600) / 15))
+
+
+def test_training_sets_are_seeded_and_nested_over_budgets():
+    order = bench.training_order(400, seed=3)
+    assert sorted(order) == list(range(400))
+    np.testing.assert_array_equal(order, bench.training_order(400, seed=3))
+    assert not np.array_equal(order[:25], bench.training_order(400, seed=4)[:25])
+    assert set(order[:25]) <= set(order[:50])
+
+
+def test_mean_sd_and_paired_differences():
+    assert bench.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert bench.mean_sd([5.0]) == (5.0, 0.0)
+    assert all(math.isnan(v) for v in bench.mean_sd([]))
+    diffs = bench.paired_percent_differences({0: 8.0, 1: 15.0, 2: 1.0}, {0: 10.0, 1: 10.0})
+    assert diffs == pytest.approx([-20.0, 50.0])
+
+
+def row(method, n, seed, valid, test):
+    return {"method": method, "n_train": n, "seed": seed, "valid_energy_mae_mev": valid, "energy_mae_mev": test, "setting": ""}
+
+
+def test_select_uses_validation_never_test():
+    rows = [row("a", 10, 0, 5.0, 100.0), row("b", 10, 0, 6.0, 1.0),   # a wins on validation, b on test
+            row("a", 10, 1, 9.0, 1.0), row("b", 10, 1, 2.0, 100.0),
+            row("naive", 10, 0, 0.1, 0.1)]
+    picked = bench.select_by_validation(rows, ["a", "b"], "run")
+    assert [(r["seed"], r["chosen"]) for r in picked] == [(0, "a"), (1, "b")]
+    per_budget = bench.select_by_validation(rows, ["a", "b"], "budget")  # means: a 7.0, b 4.0
+    assert {r["chosen"] for r in per_budget} == {"b"} and len(per_budget) == 2
+
+
+def test_a_run_is_claimed_by_one_live_process_at_a_time(tmp_path):
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    lock = tmp_path / "runs" / "naive" / "N6_seed0.lock"
+    with bench.claimed(lock, "naive N=6 seed=0"):
+        assert bench.lock_holder(lock) == f"pid {os.getpid()} on {platform.node()}"
+        with pytest.raises(ProtoalignError, match="is being run by pid"):
+            with bench.claimed(lock, "naive N=6 seed=0"):
+                pass
+    assert not lock.exists()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(finished.stdout), "host": platform.node()}))  # a dead process
+    assert bench.lock_holder(lock) is None
+    with bench.claimed(lock, "naive N=6 seed=0"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_config_errors_are_one_line(tmp_path, tiny_model, molecules_xyz):
+    cases = {
+        "  - {method: teleport}": "unknown method",
+        "  - {method: naive}\n  - {method: naive}": "used twice",
+        "  - {method: naive, args: [--seed, '3']}": "set by the harness",
+        "  - {method: align}": "numeric align_weight",
+        "  - {method: select, from: [nothing]}": "not a trained method",
+    }
+    for methods, message in cases.items():
+        with pytest.raises(ProtoalignError, match=message):
+            bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+    overlapping = write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}").read_text()
+    (tmp_path / "bench.yaml").write_text(overlapping.replace("valid: [12, 16]", "valid: [10, 16]"))
+    with pytest.raises(ProtoalignError, match="overlap"):
+        bench.load_config(tmp_path / "bench.yaml")
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 1 and result.output.strip() == f"Error: bench config {tmp_path / 'missing.yaml'} does not exist"
+
+
+def test_training_commands_per_method(tmp_path, tiny_model, molecules_xyz):
+    methods = """  - {method: naive}
+  - {name: al, method: align, align_weight: 0.001, align_args: [--align-weighting, hard]}
+  - {method: multihead, args: {num_samples_pt: 8}}
+  - {method: lora, args: [--lora_rank, '2']}
+  - {method: freeze, freeze: 1}
+  - {method: scratch, args: [--hidden_irreps, 8x0e]}"""
+    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+    layout = bench.BenchLayout(tmp_path / "out")
+    runs = bench.plan_runs(config)
+    assert len(runs) == 12 and [r.index for r in runs] == list(range(12))
+    products = bench.source_products(config, layout)
+    commands = {r.method: bench.training_command(config, layout, r, products) for r in runs if r.seed == 1}
+    for name, argv in commands.items():
+        text = " ".join(argv)
+        assert f"--train_file {layout.train_file(6, 1)} --valid_file {layout.valid_file}" in text
+        assert "--seed 1" in text and "--max_num_epochs 1" in text and "--test_file" not in text
+        assert ("--foundation_model" in text) == (name != "scratch")
+    assert commands["al"][3:9] == ["finetune", "--prototypes", str(products["prototypes"]), "--align-weight", "0.001",
+                                   "--align-weighting"]
+    assert "--multiheads_finetuning True --pt_train_file" in " ".join(commands["multihead"])
+    assert "--force_mh_ft_lr True" in " ".join(commands["multihead"])
+    assert "--num_samples_pt 8" in " ".join(commands["multihead"])
+    assert "--multiheads_finetuning False --lora True" in " ".join(commands["lora"])
+    assert "--multiheads_finetuning False --freeze 1" in " ".join(commands["freeze"])
+    assert "--multiheads_finetuning False" in " ".join(commands["naive"])
+
+
+def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, molecules_xyz):
+    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN))
+    rows = [{**row("naive", 6, s, 10.0, e), "energy_mae_mev_per_atom": e / 5, "force_mae_mev_per_a": 40.0,
+             "wall_time_s": 3.0, "device": "cpu"} for s, e in ((0, 20.0), (1, 10.0))]
+    rows += [{**row("align-1e-2", 6, s, 9.0, e), "energy_mae_mev_per_atom": e / 5, "force_mae_mev_per_a": f,
+              "wall_time_s": 4.0, "device": "cpu"} for s, e, f in ((0, 15.0, 40.0), (1, 9.0, 44.0))]
+    rows += [{**r, "method": "best"} for r in bench.select_by_validation(rows, ["align-1e-2"], "run")]
+    text = bench.summary_markdown(config, rows)
+    # ΔE per seed: -25 %, -10 %  -> -17.5 ± 10.6; ΔF: 0 %, +10 % -> +5.0 ± 7.1
+    assert "| align-1e-2 | λ=0.01 | 6 | 2 | 12.0 ± 4.2 | 2.40 ± 0.85 | 42.0 ± 2.8 | -17.5 ± 10.6 | +5.0 ± 7.1 |" in text
+    assert "| naive | – | 6 | 2 | 15.0 ± 7.1 |" in text
+    assert "- N=6 seed=1: align-1e-2 (valid E MAE 9.0 meV)" in text
+
+
+def test_fingerprint_follows_file_contents_not_folders(tmp_path, tiny_model, molecules_xyz):
+    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}"))
+    runs = bench.plan_runs(config)
+    layouts = [bench.BenchLayout(tmp_path / name) for name in ("one", "two")]
+    for layout in layouts:
+        bench.prepare_splits(config, layout, runs)
+    prints = [[bench.run_fingerprint(config, layout, run, {}) for run in runs] for layout in layouts]
+    assert prints[0] == prints[1] and prints[0][0] != prints[0][1]
+    train = layouts[1].train_file(6, 0)
+    train.write_text(train.read_text().replace("REF_energy=-", "REF_energy=-1"))
+    assert bench.run_fingerprint(config, layouts[1], runs[0], {}) != prints[0][0]
+
+
+def test_bench_configs_in_repository_parse(shared_dir):
+    configs = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = bench.load_config(path)
+        assert bench.plan_runs(config)
+
+
+# ----------------------------------------------------------------------------- a real grid
+
+def finetune_available() -> bool:
+    return "finetune" in main.commands and "prototypes" in main.commands
+
+
+def run_bench(*args) -> str:
+    result = CliRunner().invoke(main, ["bench", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def done_times(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/done.json"))}
+
+
+@pytest.mark.skipif(not finetune_available(), reason="protoalign finetune not installed yet")
+def test_tiny_grid_outputs_and_resumption(tmp_path, tiny_model, molecules_xyz):
+    import ase.io
+
+    config = write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN)
+    out = tmp_path / "out"
+    output = run_bench(config, "--out", out, "--jobs", "2")
+    assert "4 runs: 0 already done, 4 to run, 2 at a time" in output
+    assert output.count(": done in ") == 4
+
+    with open(out / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["seed"]) for r in rows] == [("naive", "0"), ("naive", "1"), ("align-1e-2", "0"),
+                                                        ("align-1e-2", "1"), ("best", "0"), ("best", "1")]
+    for r in rows:
+        assert r["n_train"] == "6" and r["device"].startswith("cpu")
+        for column in bench.CSV_COLUMNS[4:13]:
+            assert 0 < float(r[column]) < 1e6, column
+    naive = {r["seed"]: float(r["energy_mae_mev"]) for r in rows if r["method"] == "naive"}
+    align = {r["seed"]: float(r["energy_mae_mev"]) for r in rows if r["method"] == "align-1e-2"}
+    assert naive != align  # the alignment term changed the training
+    diffs = [100 * (align[s] - naive[s]) / naive[s] for s in ("0", "1")]
+    summary = (out / "summary.md").read_text()
+    assert f"| {np.mean(diffs):+.1f} ± {np.std(diffs, ddof=1):.1f} |" in summary
+    assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # every method trained on the same files; the split is time-separated as configured
+    frames = ase.io.read(molecules_xyz, ":")
+    train = ase.io.read(out / "splits" / "N6_seed1" / "train.xyz", ":")
+    pool_positions = [f.positions.tobytes() for f in frames[:12]]
+    assert len(train) == 6 and all(t.positions.tobytes() in pool_positions for t in train)
+    test = ase.io.read(out / "splits" / "test.xyz", ":")
+    assert [t.positions.tobytes() for t in test] == [f.positions.tobytes() for f in frames[16:24]]
+    for method in ("naive", "align-1e-2"):
+        log = (out / "runs" / method / "N6_seed1" / "train.log").read_text()
+        assert f"--train_file {out / 'splits' / 'N6_seed1' / 'train.xyz'}" in log
+
+    before = done_times(out)
+    output = run_bench(config, "--out", out, "--jobs", "2")
+    assert "4 runs: 4 already done, 0 to run" in output and ": running" not in output
+    assert done_times(out) == before
+
+    (out / "runs" / "align-1e-2" / "N6_seed0" / "done.json").unlink()
+    output = run_bench(config, "--out", out)
+    assert "4 runs: 3 already done, 1 to run" in output
+    assert [line for line in output.splitlines() if ": running" in line] == ["[3/4] align-1e-2 N=6 seed=0: running"]
+    after = done_times(out)
+    assert {k: v for k, v in after.items() if before[k] == v}.keys() == set(before) - {"runs/align-1e-2/N6_seed0/done.json"}
+    with open(out / "runs.csv") as handle:
+        rerun = {(r["method"], r["seed"]): float(r["energy_mae_mev"]) for r in csv.DictReader(handle)}
+    assert rerun[("align-1e-2", "0")] == pytest.approx(align["0"], rel=1e-6)  # same seed, same result
+
+
+def test_slurm_script_and_changed_settings_are_refused(tmp_path, tiny_model, molecules_xyz):
+    config = write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}")
+    out = tmp_path / "out"
+    output = run_bench(config, "--out", out, "--slurm")
+    script = (out / "bench.sbatch").read_text()
+    assert "#SBATCH --array=0,1" in script and "--run-index $SLURM_ARRAY_TASK_ID" in script
+    assert "wrote" in output and (out / "splits" / "N6_seed1" / "train.xyz").is_file()
+    assert not list(out.glob("runs/*/*/done.json"))
+    finished = out / "runs" / "naive" / "N6_seed1" / "done.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text('{"fingerprint": "made with other settings"}')
+    result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out)])
+    assert result.exit_code == 1 and "finished with different settings" in result.output
+    result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "2"])
+    assert result.exit_code == 1 and result.output.strip() == "Error: --run-index 2 is outside 0..1"
+    result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--only", "lora"])
+    assert result.exit_code == 1 and "--only lora: not a trained method" in result.output
+
+
+@pytest.mark.slow
+def test_multihead_lora_freeze_train_on_tiny_model(tmp_path, tiny_model, molecules_xyz):
+    methods = """  - {method: naive}
+  - {method: multihead, args: {num_samples_pt: 8}}
+  - {method: lora, args: [--lora_rank, '2']}
+  - {method: freeze, freeze: 1}"""
+    config = write_config(tmp_path, tiny_model, molecules_xyz, methods)
+    (tmp_path / "bench.yaml").write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
+    run_bench(config, "--out", tmp_path / "out", "--jobs", "2")
+    with open(tmp_path / "out" / "runs.csv") as handle:
+        assert [r["method"] for r in csv.DictReader(handle)] == ["naive", "multihead", "lora", "freeze"]

@@ -1,0 +1,213 @@
+"""protoalign diagnose, the pure statistics: ratios, coverage, offsets, agreement, verdict, output folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protoalign_cli import diagnose as dg
+from protoalign_cli.errors import ProtoalignError
+
+
+def test_distance_ratio_divides_by_the_assigned_radius():
+    radius = np.array([2.0, 0.5, 0.0])
+    prototype_id = np.array([0, 1, -1, 2, 2, 0])
+    distance = np.array([1.0, 1.0, np.inf, 0.0, 0.3, 3.0])
+    ratio = dg.distance_ratio(distance, prototype_id, radius)
+    np.testing.assert_array_equal(ratio, [0.5, 2.0, np.inf, 0.0, np.inf, 1.5])
+
+
+def test_element_coverage_counts_atoms_within_the_factor():
+    z = np.array([1, 1, 1, 1, 6, 6, 7])
+    ratio = np.array([0.2, 1.0, 1.5, 1.6, 0.9, 3.0, np.inf])
+    table = dg.element_coverage(z, ratio, 1.5, elements_with_prototypes=[1, 6])
+    assert table[1]["n_atoms"] == 4 and table[1]["n_covered"] == 3 and table[1]["coverage"] == 0.75
+    assert table[6]["n_covered"] == 1 and table[6]["ratio_max"] == 3.0
+    assert table[7] == {"n_atoms": 1, "n_covered": 0, "coverage": 0.0, "has_prototypes": False,
+                        "ratio_quantiles": {}, "ratio_max": None}
+    assert dg.element_coverage(z, ratio, 1.0, [1, 6])[1]["n_covered"] == 2
+
+
+def test_prototype_usage_ignores_unassigned_atoms():
+    np.testing.assert_array_equal(dg.prototype_usage(np.array([0, 2, 2, -1, 2]), 4), [1, 0, 3, 0])
+
+
+def test_composition_and_per_config_sums():
+    config_index = np.array([0, 0, 0, 1, 1])
+    z = np.array([1, 1, 8, 6, 8])
+    np.testing.assert_array_equal(dg.composition_matrix(config_index, z, [1, 6, 8], 2), [[2, 0, 1], [0, 1, 1]])
+    np.testing.assert_allclose(dg.per_config_sum(config_index, np.array([1.0, 2, 3, 4, 5]), 2), [6.0, 9.0])
+
+
+def test_offsets_recover_a_per_element_shift_exactly():
+    rng = np.random.default_rng(0)
+    composition = rng.integers(1, 6, size=(30, 3)).astype(float)
+    predicted = rng.normal(size=30)
+    true_offsets = np.array([0.5, -2.0, 7.0])
+    reference = predicted + composition @ true_offsets
+    stats = dg.offset_corrected_errors(predicted, reference, composition)
+    np.testing.assert_allclose(stats["offsets_eV"], true_offsets, atol=1e-10)
+    assert stats["mae_meV"] < 1e-8 and stats["mae_raw_meV"] > 1000
+    assert stats["pearson"] == pytest.approx(1.0)
+
+
+def test_offsets_with_one_composition_remove_the_mean_residual():
+    composition = np.tile([9.0, 8.0, 4.0], (5, 1))
+    predicted = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    reference = np.array([10.0, 10.5, 12.5, 13.0, 14.0])
+    stats = dg.offset_corrected_errors(predicted, reference, composition)
+    corrected = predicted + (reference - predicted).mean()
+    assert stats["mae_meV"] == pytest.approx(np.mean(np.abs(corrected - reference)) * 1000)
+    assert stats["mae_meV_per_atom"] == pytest.approx(stats["mae_meV"] / 21)
+    assert stats["pearson"] == pytest.approx(np.corrcoef(predicted, reference)[0, 1])
+    assert stats["pearson_beyond_composition"] == pytest.approx(stats["pearson"])
+    np.testing.assert_allclose(dg.beyond_composition(reference, composition), reference - reference.mean())
+
+
+def test_corrected_error_is_the_difference_beyond_composition():
+    rng = np.random.default_rng(1)
+    composition = rng.integers(1, 4, size=(12, 2)).astype(float)
+    predicted, reference = rng.normal(size=12), rng.normal(size=12)
+    stats = dg.offset_corrected_errors(predicted, reference, composition)
+    difference = dg.beyond_composition(predicted, composition) - dg.beyond_composition(reference, composition)
+    assert stats["mae_meV"] == pytest.approx(np.mean(np.abs(difference)) * 1000)
+
+
+def test_pearson_is_none_for_constant_or_single_values():
+    assert dg.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+    assert dg.pearson([1.0], [2.0]) is None
+    assert dg.pearson([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+
+
+def test_atom_energy_agreement_separates_bias_from_scatter():
+    z = np.array([1, 1, 1, 1, 6, 6])
+    eps_star = np.array([0.0, 0.0, 1.0, 1.0, 2.0, 3.0])
+    eps = eps_star + np.array([0.1, 0.3, 0.1, 0.3, -1.0, -1.0])
+    member_std = np.array([0.1, 0.1, 0.05, 0.05, 0.2, 0.2])
+    table = dg.atom_energy_agreement(z, eps, eps_star, member_std)
+    assert table[1]["bias_meV"] == pytest.approx(200.0)
+    assert table[1]["mae_meV"] == pytest.approx(100.0)
+    assert table[1]["mae_raw_meV"] == pytest.approx(200.0)
+    assert table[1]["rms_meV"] == pytest.approx(100.0)
+    assert table[1]["source_rms_std_meV"] == pytest.approx(1000 * np.sqrt((0.01 + 0.0025) / 2))
+    assert table[1]["scatter_ratio"] == pytest.approx(0.1 / np.sqrt(0.00625))
+    assert table[1]["bias_ratio"] == pytest.approx(0.2 / np.sqrt(0.00625))
+    assert table[6]["bias_meV"] == pytest.approx(-1000.0) and table[6]["mae_meV"] == pytest.approx(0.0)
+    assert table[6]["scatter_ratio"] == pytest.approx(0.0) and table[6]["bias_ratio"] == pytest.approx(5.0)
+    assert table[6]["pearson"] == pytest.approx(1.0)
+
+
+def test_source_members_have_scatter_ratio_one_and_no_bias():
+    """Atoms that are exactly the members of their prototypes (eps* their mean, std their population
+    std) scatter as the source does: ratio 1, bias 0."""
+    rng = np.random.default_rng(3)
+    prototype_id = np.repeat([0, 1, 2], [5, 9, 4])
+    eps = rng.normal(size=18) + prototype_id
+    mean = np.array([eps[prototype_id == p].mean() for p in range(3)])
+    std = np.array([eps[prototype_id == p].std() for p in range(3)])
+    row = dg.atom_energy_agreement(np.ones(18, int), eps, mean[prototype_id], std[prototype_id])[1]
+    assert row["scatter_ratio"] == pytest.approx(1.0, abs=1e-12) and row["bias_meV"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_site_statistics_per_atom_position_of_fixed_molecules():
+    from ase import Atoms
+
+    water = [Atoms("OH2"), Atoms("OH2")]
+    assert dg.fixed_molecule_files(water + [Atoms("OH2"), Atoms("H2O")], [2, 2]) == [0]
+    file_index = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    atom_index = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    z = np.array([8, 1, 1, 8, 1, 1, 8, 1, 1])
+    ratio = np.array([0.5, 2.0, np.inf, 0.7, 1.0, np.inf, 0.1, 0.1, 0.1])
+    difference = np.array([0.1, 0.2, np.nan, 0.3, 0.4, np.nan, 0.0, 0.0, 0.0])
+    rows = dg.site_statistics(file_index, atom_index, z, ratio, 1.5, difference, fixed_files=[0])
+    assert [(r["file"], r["atom_index"], r["element"], r["n_configs"]) for r in rows] == [(0, 0, "O", 2), (0, 1, "H", 2),
+                                                                                           (0, 2, "H", 2)]
+    assert [r["coverage"] for r in rows] == [1.0, 0.5, 0.0]
+    assert rows[0]["ratio_median"] == pytest.approx(0.6) and rows[2]["ratio_median"] is None
+    assert rows[1]["pretrained_bias_meV"] == pytest.approx(300.0) and rows[2]["pretrained_bias_meV"] is None
+
+
+def test_prototype_disagreement_and_element_bias():
+    z = np.array([1, 1, 6])
+    np.testing.assert_allclose(dg.element_bias(z, np.array([1.0, 3.0, 5.0])), [2.0, 2.0, 5.0])
+    result = dg.prototype_disagreement(np.array([0, 0, 2, -1]), np.array([1.0, 3.0, 4.0, 9.0]), 3)
+    np.testing.assert_array_equal(result, [2.0, np.nan, 4.0])
+
+
+def test_wide_prototypes_uses_a_strict_threshold():
+    np.testing.assert_array_equal(dg.wide_prototypes(np.array([0.01, 0.05, 0.051, 0.2]), 0.05), [2, 3])
+
+
+def test_pca_keeps_distances_of_points_on_a_plane():
+    rng = np.random.default_rng(2)
+    plane = rng.normal(size=(40, 2)) * [3.0, 1.0]
+    basis, _ = np.linalg.qr(rng.normal(size=(6, 2)))
+    points = plane @ basis.T + 5.0
+    projected = dg.pca_2d(points)
+    distances = lambda x: np.linalg.norm(x[:, None] - x[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(distances(projected), distances(points), atol=1e-10)
+    assert projected[:, 0].var() > projected[:, 1].var()
+
+
+def _agreement(scatter_ratio=1.0, bias_ratio=0.0):
+    return {"bias_meV": 10.0 * bias_ratio, "rms_meV": 10.0 * scatter_ratio, "scatter_ratio": scatter_ratio,
+            "bias_ratio": bias_ratio}
+
+
+def _results(coverage=0.95, has_n=True, predictor=True, pretrained=None, finetuned=None):
+    by_element = {"H": {"n_atoms": 10, "n_covered": 10, "coverage": 1.0, "has_prototypes": True}}
+    if not has_n:
+        by_element["N"] = {"n_atoms": 2, "n_covered": 0, "coverage": 0.0, "has_prototypes": False}
+    stats = lambda mae: {"mae_meV": mae, "mae_meV_per_atom": mae / 10, "pearson_beyond_composition": 0.5}  # noqa: E731
+    return {
+        "n_atoms": 12,
+        "coverage": {"radius_factor": 1.5, "overall": coverage, "n_covered": 11, "by_element": by_element},
+        "energy_predictor": ({"available": True, "prototype": stats(30.0), "composition_only": stats(20.0)}
+                             if predictor else {"available": False, "note": "no reference energies"}),
+        "atom_energies": {
+            "pretrained": {"by_element": {"H": _agreement(**(pretrained or {}))}},
+            "finetuned": None if finetuned is None else {"by_element": {"H": _agreement(**finetuned)}},
+        },
+    }
+
+
+@pytest.mark.parametrize("changes, safe, reason", [
+    ({}, True, None),
+    ({"coverage": 0.85}, False, "coverage below 0.9"),
+    ({"has_n": False}, False, "N has no prototypes"),
+    ({"predictor": False}, True, None),
+    ({"pretrained": {"scatter_ratio": 1.4}}, True, None),
+    ({"pretrained": {"scatter_ratio": 1.6}}, False, "H pretrained atom energies scatter more than 1.5 x source"),
+    ({"pretrained": {"bias_ratio": 1.6}}, False, "H atom energies are shifted from their prototypes"),
+    ({"finetuned": {"scatter_ratio": 1.2, "bias_ratio": 3.0}}, True, None),
+    ({"finetuned": {"scatter_ratio": 1.7}}, False, "H fine-tuned atom energies scatter more than 1.5 x source"),
+])
+def test_verdict(changes, safe, reason):
+    lines, is_safe = dg.verdict_lines(_results(**changes))
+    assert is_safe is safe
+    assert lines[-1].startswith("overall: coverage")
+    assert ("SAFE" in lines[-1]) is safe
+    if reason:
+        assert reason in lines[-1]
+    assert lines[0].startswith("H: coverage 1.000 (10/10 atoms within 1.5 x radius); pretrained eps - eps*: bias")
+    assert ("fine-tuned eps - eps*" in lines[0]) is ("finetuned" in changes)
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    out = tmp_path / "report"
+    with dg.atomic_directory(out, overwrite=False) as folder:
+        (folder / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first"
+    with pytest.raises(ProtoalignError, match="exists; pass --overwrite"):
+        with dg.atomic_directory(out, overwrite=False):
+            pass
+    with pytest.raises(RuntimeError):
+        with dg.atomic_directory(out, overwrite=True) as folder:
+            (folder / "b.txt").write_text("second")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    with dg.atomic_directory(out, overwrite=True) as folder:
+        (folder / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]

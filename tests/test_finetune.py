@@ -1,0 +1,385 @@
+"""protoalign finetune on tiny models: identity at λ = 0, the term at λ > 0, multihead replay,
+stage two (SWA), --restart_latest, the assignment cache, and every kind of bad input.
+
+Real mace_run_train runs (in-process, CPU, float64, a few epochs of a tiny MACE on 24 molecules);
+the prototypes are built by ``protoalign extract`` + ``protoalign prototypes`` from the tiny model
+over its own molecules.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mace  # noqa: F401  (before e3nn/torch users)
+import torch
+
+from protoalign_cli.cli import main
+from protoalign_cli.finetune import mace_process_state
+
+EPOCHS = 3
+
+
+def run_cli(*args):
+    """Invoke ``protoalign`` in-process; return click's Result."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def mace_args(work_dir: Path, foundation: Path, train_file: Path, epochs: int = EPOCHS, *extra) -> list[str]:
+    """mace_run_train arguments of a tiny, fast, deterministic fine-tuning run."""
+    return [
+        "--name", "tiny", "--seed", "1", "--work_dir", str(work_dir), "--foundation_model", str(foundation),
+        "--train_file", str(train_file), "--valid_fraction", "0.25", "--energy_key", "REF_energy",
+        "--forces_key", "REF_forces", "--E0s", "foundation", "--max_num_epochs", str(epochs),
+        "--batch_size", "4", "--valid_batch_size", "6", "--default_dtype", "float64", "--device", "cpu",
+        "--plot", "False", *[str(e) for e in extra],
+    ]
+
+
+def finetune(prototypes: Path, args: list[str], *options) -> None:
+    """Run ``protoalign finetune`` in-process and require success."""
+    result = run_cli("finetune", "--prototypes", prototypes, *options, "--", *args)
+    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
+
+
+def plain_mace(args: list[str]) -> None:
+    """Run the official mace_run_train entry point (``mace.cli.run_train.main``) in-process."""
+    from mace.cli import run_train
+
+    with mace_process_state(args):
+        run_train.main()
+
+
+def records(work_dir: Path) -> list[dict]:
+    """The JSON lines the alignment term wrote for the tiny run in ``work_dir``."""
+    path = work_dir / "protoalign" / "align_tiny_run-1.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def epoch_records(lines: list[dict]) -> dict[int, dict]:
+    """Per-epoch records (not the initial evaluation) by epoch; later lines win (restarts)."""
+    return {r["epoch"]: r for r in lines if "event" not in r and not r["initial"]}
+
+
+def model_state(work_dir: Path) -> dict:
+    """State dict of the final model mace_run_train saved."""
+    return torch.load(work_dir / "tiny.model", map_location="cpu", weights_only=False).state_dict()
+
+
+def metrics(work_dir: Path) -> list[dict]:
+    """MACE's per-evaluation metrics (results/*_train.txt) without the wall times."""
+    lines = (work_dir / "results" / "tiny_run-1_train.txt").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    return [{k: v for k, v in row.items() if k != "time"} for row in rows if row.get("mode") == "eval"]
+
+
+@pytest.fixture(scope="module")
+def prototypes_file(tiny_model, molecules_xyz, tmp_path_factory) -> Path:
+    """Prototypes (2 per element) of the tiny model's latents over its own molecules."""
+    folder = tmp_path_factory.mktemp("prototypes")
+    latents, prototypes = folder / "latents.h5", folder / "prototypes.h5"
+    for args in (("extract", "--model", tiny_model, "--configs", molecules_xyz, "--out", latents),
+                 ("prototypes", latents, "--out", prototypes, "--k", "2")):
+        result = run_cli(*args)
+        assert result.exit_code == 0, (result.output, result.stderr)
+    return prototypes
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, molecules_xyz, prototypes_file) -> dict[str, Path]:
+    """Work folders of: plain mace_run_train, finetune at λ = 0, finetune at λ = 1 with a 3-epoch warmup."""
+    root = tmp_path_factory.mktemp("runs")
+    folders = {name: root / name for name in ("plain", "zero", "aligned")}
+    plain_mace(mace_args(folders["plain"], tiny_model, molecules_xyz))
+    finetune(prototypes_file, mace_args(folders["zero"], tiny_model, molecules_xyz), "--align-weight", "0")
+    finetune(prototypes_file, mace_args(folders["aligned"], tiny_model, molecules_xyz),
+             "--align-weight", "1", "--align-warmup-epochs", "3")
+    return folders
+
+
+def test_zero_weight_trains_exactly_like_plain_mace(runs):
+    plain, zero = model_state(runs["plain"]), model_state(runs["zero"])
+    assert plain.keys() == zero.keys()
+    for name in plain:
+        assert torch.equal(plain[name], zero[name]), name
+    assert metrics(runs["zero"]) == metrics(runs["plain"])
+    assert len(metrics(runs["plain"])) == EPOCHS + 1
+    logged = epoch_records(records(runs["zero"]))
+    assert sorted(logged) == list(range(EPOCHS))
+    assert all(r["lambda"] == 0 and r["train"]["align"] > 0 for r in logged.values())
+
+
+def test_positive_weight_logs_the_term_and_changes_training(runs):
+    lines = records(runs["aligned"])
+    initial = [r for r in lines if r.get("initial")]
+    assert len(initial) == 1 and initial[0]["valid"]["Default"]["align"] > 0
+    logged = epoch_records(lines)
+    assert [logged[e]["lambda"] for e in range(EPOCHS)] == pytest.approx([0.0, 1 / 3, 2 / 3])
+    for record in logged.values():
+        assert record["train"]["align"] > 0 and record["valid"]["Default"]["align"] > 0
+        assert record["train"]["graphs"] == 16 and record["train"]["graphs_missing"] == 0
+        assert record["valid"]["Default"]["graphs"] == 6 and record["valid"]["Default"]["graphs_missing"] == 0
+    plain, aligned = model_state(runs["plain"]), model_state(runs["aligned"])
+    assert any(not torch.equal(plain[name], aligned[name]) for name in plain)
+    plain_metrics, aligned_metrics = metrics(runs["plain"]), metrics(runs["aligned"])
+    assert aligned_metrics[1] == plain_metrics[1]  # epoch 0 has λ = 0 (warmup): identical
+    assert aligned_metrics[-1] != plain_metrics[-1]
+    log = next((runs["aligned"] / "logs").glob("tiny_run-1.log")).read_text()
+    assert "protoalign epoch 2: lambda=0.6667 train_align=" in log
+
+
+def test_run_record(runs, prototypes_file, tiny_model):
+    from protoalign_cli.provenance import sha256_file
+
+    record = json.loads((runs["aligned"] / "protoalign_finetune.json").read_text())
+    assert record["results"]["status"] == "finished"
+    assert record["inputs"]["foundation_sha256"] == sha256_file(tiny_model)
+    assert record["inputs"]["prototypes_sha256"] == sha256_file(prototypes_file)
+    assert record["inputs"]["settings"]["weight"] == 1.0 and record["inputs"]["settings"]["warmup_epochs"] == 3
+    assert "--foundation_model" in record["inputs"]["mace_args"]
+    statistics = record["results"]["assignment"]
+    assert statistics["configurations"] == {"train": 24, "valid": 0}
+    assert set(statistics["per_element"]) == {"H", "C", "N", "O"}
+    assert all(0 < e["fraction_weighted"] <= 1 for e in statistics["per_element"].values())
+    assert record["versions"]["mace-torch"] == "0.3.16"
+    assert Path(record["results"]["assignment_cache"]).is_file()
+
+
+def test_restart_latest_restores_the_term(runs, tmp_path, tiny_model, molecules_xyz, prototypes_file):
+    """Interrupt after 2 of 3 epochs, restart with --restart_latest: λ, weights and term continue as uninterrupted."""
+    options = ("--align-weight", "1", "--align-warmup-epochs", "3")
+    finetune(prototypes_file, mace_args(tmp_path, tiny_model, molecules_xyz, 2), *options)
+    finetune(prototypes_file, mace_args(tmp_path, tiny_model, molecules_xyz, 3, "--restart_latest"), *options)
+    lines = records(tmp_path)
+    starts = [i for i, r in enumerate(lines) if r.get("event") == "start"]
+    assert len(starts) == 2
+    resumed_at = lines[starts[1]]["start_epoch"]
+    assert resumed_at >= 1
+    uninterrupted = epoch_records(records(runs["aligned"]))
+    restart_initial = lines[starts[1] + 1]
+    assert restart_initial["initial"] and restart_initial["lambda"] == uninterrupted[resumed_at]["lambda"]
+    assert restart_initial["valid"]["Default"]["align"] == pytest.approx(
+        uninterrupted[resumed_at]["valid"]["Default"]["align"], rel=1e-10)
+    assert restart_initial["valid"]["Default"]["weight"] == uninterrupted[resumed_at]["valid"]["Default"]["weight"]
+    resumed = epoch_records(lines[starts[1]:])
+    assert sorted(resumed) == list(range(resumed_at, 3))
+    assert [resumed[e]["lambda"] for e in resumed] == [uninterrupted[e]["lambda"] for e in resumed]
+    record = json.loads((tmp_path / "protoalign_finetune.json").read_text())
+    reference = json.loads((runs["aligned"] / "protoalign_finetune.json").read_text())
+    assert record["results"]["assignment_cache_reused"] is True
+    assert record["results"]["assignment"] == reference["results"]["assignment"]
+
+
+@pytest.fixture(scope="module")
+def replay_swa_run(tmp_path_factory, tiny_model, molecules_xyz, prototypes_file) -> Path:
+    """Work folder of a run with multihead replay (pt_head on the same molecules) and stage two from epoch 1."""
+    work_dir = tmp_path_factory.mktemp("replay_swa")
+    args = mace_args(work_dir, tiny_model, molecules_xyz, 2, "--multiheads_finetuning", "True",
+                     "--pt_train_file", molecules_xyz, "--swa", "--start_swa", "1")
+    finetune(prototypes_file, args, "--align-weight", "1")
+    return work_dir
+
+
+def test_multihead_replay_aligns_only_the_target_head(replay_swa_run):
+    for logged in epoch_records(records(replay_swa_run)).values():
+        assert logged["train"]["align"] > 0 and logged["train"]["graphs_missing"] == 0
+        assert logged["train"]["graphs"] == 18  # the 18 target configurations, not the 18 replayed ones
+        assert logged["valid"]["pt_head"]["weight"] == 0 and logged["valid"]["pt_head"]["graphs"] == 0
+        assert logged["valid"]["Default"]["align"] > 0 and logged["valid"]["Default"]["graphs"] == 6
+    model = torch.load(replay_swa_run / "tiny.model", map_location="cpu", weights_only=False)
+    assert list(model.heads) == ["pt_head", "Default"]
+
+
+def test_swa_stage_two_keeps_the_term(replay_swa_run):
+    log = next((replay_swa_run / "logs").glob("tiny_run-1.log")).read_text()
+    assert "Changing loss based on Stage Two Weights" in log
+    logged = epoch_records(records(replay_swa_run))
+    assert logged[1]["train"]["align"] > 0  # epoch 1 trains with stage two's loss: it carries the term
+    assert (replay_swa_run / "tiny_stagetwo.model").is_file()
+
+
+def test_mace_yaml_config_is_understood(tmp_path, tiny_model, molecules_xyz):
+    from protoalign_cli.finetune import parse_mace_args, target_files
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"name: tiny\nfoundation_model: {tiny_model}\ntrain_file: {molecules_xyz}\n"
+                      f"valid_file: {molecules_xyz}\nmax_num_epochs: 7\n")
+    args = parse_mace_args(["--config", str(config), "--seed", "5"])
+    assert (args.foundation_model, args.max_num_epochs, args.seed) == (str(tiny_model), 7, 5)
+    assert [(f.role, f.path) for f in target_files(args)] == [("train", str(molecules_xyz)), ("valid", str(molecules_xyz))]
+
+
+def test_heads_dict_skips_the_replay_head(tmp_path, molecules_xyz):
+    from protoalign_cli.finetune import parse_mace_args, target_files
+
+    heads = {"dft": {"train_file": str(molecules_xyz)}, "pt_head": {"train_file": "/nonexistent.xyz"}}
+    args = parse_mace_args(["--name", "x", "--heads", repr(heads)])
+    assert [(f.head, f.role) for f in target_files(args)] == [("dft", "train")]
+
+
+def test_batch_keys_match_the_precomputed_table(molecules_xyz):
+    """The key of each graph of a real MACE batch (float32 and float64) is found in a table built from the file."""
+    import ase.io
+    from mace import data as mace_data
+    from mace.tools import AtomicNumberTable, torch_geometric
+    from mace.tools.torch_tools import default_dtype
+
+    from protoalign_cli.mace_patch import AlignmentTable, configuration_key
+
+    frames = ase.io.read(molecules_xyz, ":")
+    for dtype in ("float32", "float64"):
+        table = AlignmentTable(dtype)
+        for i, atoms in enumerate(frames):
+            table.add(atoms.numbers, atoms.positions, np.full(len(atoms), float(i)), np.ones(len(atoms)))
+        with default_dtype(dtype):
+            z_table = AtomicNumberTable([1, 6, 7, 8])
+            graphs = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a), z_table=z_table, cutoff=4.0)
+                      for a in frames]
+            batch = torch_geometric.batch.Batch.from_data_list(graphs[3:9])
+        numbers = np.array(z_table.zs)[batch.node_attrs.argmax(-1).numpy()]
+        for g, (start, stop) in enumerate(zip(batch.ptr[:-1], batch.ptr[1:])):
+            entry = table.get(configuration_key(numbers[start:stop], batch.positions[start:stop].numpy(), dtype))
+            assert entry is not None and entry[0][0] == 3 + g
+        assert table.get(configuration_key(numbers[:5], batch.positions[:5].numpy() + 1e-3, dtype)) is None
+
+
+def test_hdf5_target_files_are_read_through_mace(tmp_path, molecules_xyz):
+    import ase.io
+    import h5py
+    from mace.data import config_from_atoms
+    from mace.data.utils import save_configurations_as_HDF5
+
+    from protoalign_cli.finetune import read_configurations
+
+    frames = ase.io.read(molecules_xyz, ":")
+    path = tmp_path / "train.h5"
+    with h5py.File(path, "w") as handle:
+        save_configurations_as_HDF5([config_from_atoms(a) for a in frames], 0, handle)
+    read = read_configurations(str(path), 4.0, [1, 6, 7, 8])
+    assert len(read) == len(frames)
+    for original, atoms in zip(frames, read):
+        assert np.array_equal(original.numbers, atoms.numbers)
+        assert np.array_equal(original.positions, atoms.positions)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def assert_one_line_error(result, pattern: str) -> None:
+    """Exit status 1 and exactly one 'Error: ...' line on stderr mentioning ``pattern``; no traceback."""
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_prototypes_of_another_model_are_refused(tmp_path, tiny_l1_model, molecules_xyz, prototypes_file):
+    result = run_cli("finetune", "--prototypes", prototypes_file, "--",
+                     *mace_args(tmp_path, tiny_l1_model, molecules_xyz))
+    assert_one_line_error(result, "different model")
+    assert not (tmp_path / "protoalign_finetune.json").exists()
+
+
+def test_target_elements_without_prototypes(tmp_path, tiny_model, molecules_xyz):
+    from tiny_models import write_molecules
+
+    source = write_molecules(tmp_path / "no_nitrogen.xyz", n_configs=6, molecules=("CH4", "H2O", "CH3OH"))
+    latents, prototypes = tmp_path / "lat.h5", tmp_path / "proto.h5"
+    assert run_cli("extract", "--model", tiny_model, "--configs", source, "--out", latents).exit_code == 0
+    assert run_cli("prototypes", latents, "--out", prototypes, "--k", "2").exit_code == 0
+    args = mace_args(tmp_path / "run", tiny_model, molecules_xyz)
+    assert_one_line_error(run_cli("finetune", "--prototypes", prototypes, "--", *args), "N have no prototypes")
+
+
+def test_missing_elements_can_be_ignored(tmp_path):
+    from protoalign_cli.finetune import check_missing_elements
+
+    assignment = {"atomic_numbers": np.array([1, 7, 7, 6]), "prototype_id": np.array([0, -1, -1, 3])}
+    assert check_missing_elements(assignment, "ignore") == ["N"]
+
+
+def test_missing_foundation_model(tmp_path, molecules_xyz, prototypes_file):
+    args = [a for a in mace_args(tmp_path, Path("x"), molecules_xyz) if a not in ("--foundation_model", "x")]
+    assert_one_line_error(run_cli("finetune", "--prototypes", prototypes_file, "--", *args), "--foundation_model")
+
+
+def test_unknown_mace_option(tmp_path, tiny_model, molecules_xyz, prototypes_file):
+    args = mace_args(tmp_path, tiny_model, molecules_xyz, EPOCHS, "--no_such_option", "3")
+    assert_one_line_error(run_cli("finetune", "--prototypes", prototypes_file, "--", *args),
+                          "unknown mace_run_train option(s): --no_such_option 3")
+
+
+@pytest.mark.parametrize("option, value, pattern", [
+    ("--align-weight", "-0.1", "--align-weight must be a finite number >= 0"),
+    ("--align-cutoff", "0", "--align-cutoff must be > 0"),
+    ("--align-decay-epochs", "0", "--align-decay-epochs must be >= 1"),
+    ("--align-spread-scale", "-1", "--align-spread-scale must be > 0"),
+])
+def test_bad_settings(option, value, pattern, tmp_path, tiny_model, molecules_xyz, prototypes_file):
+    args = mace_args(tmp_path, tiny_model, molecules_xyz)
+    assert_one_line_error(run_cli("finetune", "--prototypes", prototypes_file, option, value, "--", *args), pattern)
+
+
+def test_negative_weight_from_the_shell(tmp_path, prototypes_file):
+    """``python -m protoalign_cli`` (the torchrun entry): a one-line error and exit status 1."""
+    process = subprocess.run(
+        [sys.executable, "-m", "protoalign_cli", "finetune", "--prototypes", str(prototypes_file),
+         "--align-weight", "-1", "--", "--name", "x"], capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == ["Error: --align-weight must be a finite number >= 0, got -1.0"]
+
+
+@pytest.mark.parametrize("launcher, environ, expected", [
+    ("torchrun", {"RANK": "3", "LOCAL_RANK": "1"}, (3, 1)),
+    ("slurm", {"SLURM_PROCID": "5", "SLURM_LOCALID": "2"}, (5, 2)),
+    ("mpi", {"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, (4, 0)),
+])
+def test_each_rank_knows_its_gpu_before_mace_starts(launcher, environ, expected, monkeypatch):
+    from protoalign_cli.finetune import launch_rank, parse_mace_args, precompute_device
+
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    args = parse_mace_args(["--name", "x", "--distributed", "--launcher", launcher, "--device", "cuda"])
+    assert launch_rank(args) == expected
+    assert precompute_device(args) == f"cuda:{expected[1]}"
+    assert launch_rank(parse_mace_args(["--name", "x"])) == (0, 0)
+
+
+def test_prototypes_of_another_head_are_refused(tmp_path, tiny_two_head_model, molecules_xyz):
+    latents, prototypes = tmp_path / "lat.h5", tmp_path / "proto.h5"
+    assert run_cli("extract", "--model", tiny_two_head_model, "--configs", molecules_xyz, "--out", latents,
+                   "--head", "dft").exit_code == 0
+    assert run_cli("prototypes", latents, "--out", prototypes, "--k", "2").exit_code == 0
+    args = mace_args(tmp_path / "run", tiny_two_head_model, molecules_xyz, EPOCHS, "--foundation_head", "cc")
+    assert_one_line_error(run_cli("finetune", "--prototypes", prototypes, "--", *args), "prototypes describe head 'dft'")
+
+
+def test_a_failing_mace_run_is_one_line_and_recorded(tmp_path, tiny_model, molecules_xyz, prototypes_file):
+    args = [a if a != "foundation" else "{1: -13.6}" for a in mace_args(tmp_path, tiny_model, molecules_xyz)]
+    result = run_cli("finetune", "--prototypes", prototypes_file, "--", *args)
+    assert_one_line_error(result, "mace_run_train failed: KeyError")
+    record = json.loads((tmp_path / "protoalign_finetune.json").read_text())
+    assert record["results"]["status"].startswith("failed: KeyError")
+    assert "Traceback" in (tmp_path / "logs" / "tiny_run-1_debug.log").read_text()
+
+
+def test_mace_is_left_as_it_was(runs):
+    """After the runs (the fixture made three), MACE's names are the originals again."""
+    import mace.tools
+    from mace.cli import run_train
+    from mace.tools import model_script_utils, scripts_utils
+
+    train_module = sys.modules["mace.tools.train"]
+    assert run_train.get_loss_fn is scripts_utils.get_loss_fn
+    assert run_train.get_swa is scripts_utils.get_swa
+    assert run_train.configure_model is model_script_utils.configure_model
+    assert mace.tools.train is train_module.train
+    assert train_module.train_one_epoch.__module__ == train_module.evaluate.__module__ == "mace.tools.train"

@@ -1,0 +1,478 @@
+"""protoalign prototypes: per-element FAISS prototypes, their statistics, K selection, assignment, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from protoalign_cli import schema
+from protoalign_cli.cli import main
+from protoalign_cli.errors import ProtoalignError
+from protoalign_cli.extract import ExtractRequest, run_extract
+from protoalign_cli.prototypes import (
+    PrototypesRequest,
+    assign,
+    build_prototypes,
+    feature_scaling,
+    kmeans_information_criteria,
+    load_prototypes,
+    member_statistics,
+    nearest_prototypes,
+    flat_index,
+    parse_k,
+    parse_k_grid,
+    select_features,
+    standardize,
+    summary_path,
+    unique_rows,
+    within_cluster_sse,
+)
+
+SOURCE_MOLECULES = ("benzene", "ethanol", "malonaldehyde", "toluene", "uracil")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_synthetic_latents(path: Path, clusters: dict[int, int], n_per_cluster: int = 120, d: int = 12, seed: int = 0,
+                            model_sha256: str = "a" * 64, head: str = "Default", n_energy: int = 2,
+                            duplicates: dict[int, int] | None = None) -> Path:
+    """A latent file (via schema.LatentWriter) whose atoms of element Z form ``clusters[Z]`` well separated
+    unit-variance Gaussian clusters (centres ~ N(0, 20^2)); cluster c's energies ~ N(c, 0.1^2) eV.
+
+    ``duplicates[Z] = m`` instead gives element Z only m distinct atoms (each repeated).
+    """
+    rng = np.random.default_rng(seed)
+    n_interaction = d - n_energy
+    layout = [{"name": "interaction_0", "kind": "interaction", "start": 0, "size": n_interaction}]
+    layout += [{"name": f"readout_{k}", "kind": "energy", "start": n_interaction + k, "size": 1} for k in range(n_energy)]
+    header = schema.LatentHeader(
+        model_sha256=model_sha256, model_path="synthetic.model", mace_version="0.3.16", model_type="ScaleShiftMACE",
+        r_max=5.0, e0s={head: {str(z): -10.0 * z for z in (1, 6, 7, 8)}}, heads=[head], head=head, layout=layout,
+        source_files=["synthetic.xyz"], dtype="float64", command_line="synthetic", protoalign_version="test",
+    )
+    latent, energy, numbers = [], [], []
+    for z, k in clusters.items():
+        centres = rng.normal(scale=20.0, size=(k, d))
+        for c in range(k):
+            latent.append(centres[c] + rng.normal(size=(n_per_cluster, d)))
+            energy.append(rng.normal(loc=float(c), scale=0.1, size=n_per_cluster))
+            numbers.append(np.full(n_per_cluster, z))
+    for z, m in (duplicates or {}).items():
+        distinct = rng.normal(size=(m, d))
+        latent.append(np.repeat(distinct, 5, axis=0))
+        energy.append(np.repeat(rng.normal(size=m), 5))
+        numbers.append(np.full(5 * m, z))
+    latent = np.concatenate(latent) if latent else np.zeros((0, d))
+    order = rng.permutation(len(latent))
+    n = len(order)
+    energy_minus_e0 = np.concatenate(energy)[order] if energy else np.zeros(0)
+    atomic_number = np.concatenate(numbers)[order] if numbers else np.zeros(0)
+    rows = {
+        schema.LATENT: latent[order], schema.ENERGY_MINUS_E0: energy_minus_e0,
+        schema.NODE_ENERGY: energy_minus_e0 - 10.0 * atomic_number, schema.ATOMIC_NUMBER: atomic_number,
+        schema.CONFIG_INDEX: np.arange(n), schema.ATOM_INDEX: np.zeros(n), schema.SOURCE_FILE_INDEX: np.zeros(n),
+    }
+    with h5py.File(path, "w") as handle:
+        writer = schema.LatentWriter(handle, header, d, "float64")
+        writer.append(rows, n)
+        writer.finish()
+    return path
+
+
+def build(latent_paths, out, **options):
+    """Run the library build and load the result."""
+    paths = latent_paths if isinstance(latent_paths, (list, tuple)) else [latent_paths]
+    build_prototypes(PrototypesRequest(latents=[Path(p) for p in paths], out=Path(out), **options))
+    return load_prototypes(out)
+
+
+def read_all_latents(paths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenated latent rows, atomic numbers and energies minus E0 (eV) of latent files."""
+    parts = [schema.read_latents(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    return (np.concatenate([p.latent for p in parts]), np.concatenate([p.atomic_number for p in parts]),
+            np.concatenate([p.energy_minus_e0 for p in parts]))
+
+
+def assert_consistent(prototypes, latent: np.ndarray, atomic_number: np.ndarray, energy: np.ndarray) -> None:
+    """Recompute everything in plain numpy and compare with the file and with ``assign``.
+
+    Standardization from the raw latents; for every atom the nearest centroid of its element by brute
+    force; per prototype member count, energy mean/std (eV) and 95th-percentile radius.
+    """
+    prototype_id, distance = assign(prototypes, latent, atomic_number)
+    assert set(np.unique(atomic_number)) == set(prototypes.elements.tolist())
+    for e, z in enumerate(prototypes.elements):
+        rows = atomic_number == z
+        x = latent[rows][:, prototypes.columns].astype(np.float64)
+        if prototypes.standardized:
+            std = x.std(axis=0)
+            np.testing.assert_allclose(prototypes.feature_mean[e], x.mean(axis=0), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(prototypes.feature_std[e], np.where(std > 1e-12 * np.maximum(1, abs(x.mean(0))), std, 1.0),
+                                       rtol=1e-10)
+        scaled = (x - prototypes.feature_mean[e]) / prototypes.feature_std[e]
+        ids = np.flatnonzero(prototypes.element == z)
+        all_distances = np.sqrt(((scaled[:, None, :] - prototypes.centroid[ids][None, :, :]) ** 2).sum(axis=2))
+        nearest = all_distances.argmin(axis=1)
+        sorted_distances = np.sort(all_distances, axis=1)
+        clear = (sorted_distances[:, 1] - sorted_distances[:, 0] > 1e-9) if len(ids) > 1 else np.ones(len(x), bool)
+        assert clear.mean() > 0.99
+        np.testing.assert_array_equal(prototype_id[rows][clear], ids[nearest][clear])
+        np.testing.assert_allclose(distance[rows], sorted_distances[:, 0], rtol=1e-9, atol=1e-9)
+        for p in ids:
+            members = prototype_id[rows] == p
+            assert prototypes.count[p] == members.sum() > 0
+            np.testing.assert_allclose(prototypes.energy_mean[p], energy[rows][members].mean(), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(prototypes.energy_std[p], energy[rows][members].std(), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(prototypes.radius[p], np.percentile(distance[rows][members], 95), rtol=1e-12)
+    assert prototypes.count.sum() == len(atomic_number)
+
+
+def file_contents(path: Path) -> dict:
+    """Every attribute and dataset of an HDF5 file, as Python values."""
+    contents = {}
+    with h5py.File(path, "r") as handle:
+        def visit(name, obj):
+            for key, value in obj.attrs.items():
+                contents[f"{name}@{key}"] = value.tolist() if hasattr(value, "tolist") else value
+            if isinstance(obj, h5py.Dataset):
+                contents[name] = obj[()].tolist()
+        visit("/", handle)
+        handle.visititems(visit)
+    return contents
+
+
+def extract_latents(model, configs, out, max_configs=None) -> Path:
+    """Latent file of ``model`` over ``configs`` (library call)."""
+    run_extract(ExtractRequest(model=str(model), configs=[Path(configs)], out=Path(out), max_configs=max_configs))
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_select_features_and_standardize():
+    latent = np.arange(24, dtype=np.float64).reshape(4, 6)
+    contiguous = select_features(latent, np.array([2, 3, 4]))
+    assert np.shares_memory(contiguous, latent)
+    np.testing.assert_array_equal(contiguous, latent[:, 2:5])
+    np.testing.assert_array_equal(select_features(latent, np.array([0, 5])), latent[:, [0, 5]])
+    x = np.array([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [5.0, 5.0, 9.0]])
+    mean, std = feature_scaling(x)
+    np.testing.assert_allclose(mean, [3.0, 5.0, 5.0])
+    np.testing.assert_allclose(std, [np.sqrt(8 / 3), 1.0, np.std([2.0, 4.0, 9.0])])
+    scaled = standardize(x, mean, std)
+    np.testing.assert_allclose(scaled[:, 1], 0.0)
+    np.testing.assert_allclose(scaled.std(axis=0), [1.0, 0.0, 1.0])
+    identity_mean, identity_std = feature_scaling(x, standardize=False)
+    np.testing.assert_array_equal(standardize(x, identity_mean, identity_std), x)
+
+
+def test_information_criteria_equal_the_explicit_gaussian_mixture_likelihood():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3)) * [1.0, 2.0, 0.5]
+    cluster = np.repeat([0, 1, 2], [10, 12, 18])
+    centroid = np.stack([x[cluster == c].mean(axis=0) for c in range(3)])
+    sse = within_cluster_sse(x, centroid, cluster)
+    np.testing.assert_allclose(sse, ((x - centroid[cluster]) ** 2).sum(axis=0))
+    variance = sse / len(x)
+    weights = np.bincount(cluster) / len(x)
+    log_density = np.log(weights[cluster]) + np.sum(
+        -0.5 * np.log(2 * np.pi * variance) - (x - centroid[cluster]) ** 2 / (2 * variance), axis=1)
+    scores = kmeans_information_criteria(sse, np.bincount(cluster))
+    np.testing.assert_allclose(scores["log_likelihood"], log_density.sum(), rtol=1e-12)
+    n_parameters = 3 * 3 + 3 + 2
+    np.testing.assert_allclose(scores["bic"], -2 * log_density.sum() + n_parameters * np.log(40), rtol=1e-12)
+    np.testing.assert_allclose(scores["aic"], -2 * log_density.sum() + 2 * n_parameters, rtol=1e-12)
+    rescaled = kmeans_information_criteria(sse * np.array([4.0, 1.0, 9.0]), np.bincount(cluster))
+    other = kmeans_information_criteria(sse * 0.5, np.bincount(cluster))
+    rescaled_other = kmeans_information_criteria(sse * 0.5 * np.array([4.0, 1.0, 9.0]), np.bincount(cluster))
+    np.testing.assert_allclose(rescaled["bic"] - scores["bic"], rescaled_other["bic"] - other["bic"], rtol=1e-9)
+
+
+def test_member_statistics_and_nearest_prototypes_against_brute_force():
+    rng = np.random.default_rng(2)
+    centroid = rng.normal(size=(7, 5))
+    centroid = centroid.astype(np.float32).astype(np.float64)
+    x = rng.normal(size=(20000, 5))
+    x[3] = np.nan
+    local_id, distance = nearest_prototypes(flat_index(centroid), centroid, x)
+    assert local_id[3] == -1 and distance[3] == np.inf
+    keep = np.ones(len(x), bool)
+    keep[3] = False
+    brute = np.sqrt(((x[keep, None, :] - centroid[None]) ** 2).sum(axis=2))
+    np.testing.assert_array_equal(local_id[keep], brute.argmin(axis=1))
+    np.testing.assert_allclose(distance[keep], brute.min(axis=1), rtol=1e-12)
+    energy = rng.normal(size=keep.sum())
+    stats = member_statistics(local_id[keep], distance[keep], energy, 7)
+    for p in range(7):
+        members = local_id[keep] == p
+        assert stats["count"][p] == members.sum()
+        np.testing.assert_allclose(stats["energy_mean"][p], energy[members].mean(), rtol=1e-12)
+        np.testing.assert_allclose(stats["energy_std"][p], energy[members].std(), rtol=1e-10)
+        np.testing.assert_allclose(stats["radius"][p], np.percentile(distance[keep][members], 95), rtol=1e-12)
+
+
+def test_float32_near_ties_are_decided_in_float64():
+    centroid = np.array([[-1.0, 0.0], [1.0, 0.0]])
+    x = np.array([[1e-6, 1000.0], [-1e-6, 1000.0], [1e-6, -1000.0]])
+    index = flat_index(centroid)
+    d2_float32, _ = index.search(x.astype(np.float32), 2)
+    assert d2_float32[0, 0] == d2_float32[0, 1]  # float32 cannot tell the two centroids apart
+    local_id, distance = nearest_prototypes(index, centroid, x)
+    np.testing.assert_array_equal(local_id, [1, 0, 1])
+    np.testing.assert_allclose(distance, np.sqrt((1 - 1e-6) ** 2 + 1e6), rtol=1e-15)
+
+
+def test_unique_rows_and_parsers():
+    x = np.array([[1.0, 2.0], [0.0, 1.0], [1.0, 2.0], [1.0, 2.0]], dtype=np.float32)
+    distinct, counts = unique_rows(x)
+    assert sorted(map(tuple, distinct.tolist())) == [(0.0, 1.0), (1.0, 2.0)]
+    assert dict(zip(map(tuple, distinct.tolist()), counts.tolist())) == {(0.0, 1.0): 1, (1.0, 2.0): 3}
+    assert parse_k("auto") == "auto" and parse_k("12") == 12
+    assert parse_k_grid("8, 2,4,4") == (2, 4, 8)
+    for bad in ("0", "-3", "x", "2.5"):
+        with pytest.raises(ProtoalignError, match="--k"):
+            parse_k(bad)
+    for bad in ("0,2", "a,b", ""):
+        with pytest.raises(ProtoalignError, match="--k-grid"):
+            parse_k_grid(bad)
+
+
+# ----------------------------------------------------------------------------- synthetic latent files
+
+
+def test_k_auto_recovers_the_number_of_clusters_with_bic(tmp_path):
+    truth = {1: 2, 6: 4, 7: 8, 8: 16}
+    latents = write_synthetic_latents(tmp_path / "latents.h5", truth)
+    prototypes = build(latents, tmp_path / "p.h5", k="auto", criterion="bic")
+    for z, k in truth.items():
+        curve = prototypes.curves[z]
+        assert curve["k"] == [2, 4, 8, 16, 32, 64]
+        assert curve["k"][int(np.argmin(curve["bic"]))] == k
+        assert np.sum(prototypes.element == z) == k
+    assert_consistent(prototypes, *read_all_latents(latents))
+    for p in range(prototypes.n_prototypes):
+        assert prototypes.energy_std[p] < 0.2  # each prototype is one synthetic cluster (energies ~ N(c, 0.1))
+    summary = json.loads(summary_path(tmp_path / "p.h5").read_text())
+    assert summary["results"]["elements"]["7"]["k_chosen"] == 8
+    assert summary["results"]["elements"]["7"]["curve"]["k"] == [2, 4, 8, 16, 32, 64]
+    assert summary["inputs"]["criterion"] == "bic" and summary["command"] == "prototypes"
+
+
+def test_k_auto_with_aic_on_an_easy_case(tmp_path):
+    truth = {1: 3, 6: 5}
+    latents = write_synthetic_latents(tmp_path / "latents.h5", truth, n_per_cluster=200, seed=3)
+    prototypes = build(latents, tmp_path / "p.h5", k="auto", criterion="aic", k_grid="1,2,3,4,5,6,8")
+    assert {z: int(np.sum(prototypes.element == z)) for z in truth} == truth
+    assert prototypes.criterion == "aic" and prototypes.k_grid == [1, 2, 3, 4, 5, 6, 8]
+
+
+def test_fixed_k_few_distinct_atoms_and_missing_elements(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 4, 6: 2}, duplicates={8: 3})
+    runner = CliRunner()
+    result = runner.invoke(main, ["prototypes", str(latents), "--out", str(tmp_path / "p.h5"), "--k", "6", "--features", "interaction"])
+    assert result.exit_code == 0, result.output
+    assert "Z=8: 3 distinct atoms" in result.output and "no source atoms of Z=7" in result.output
+    prototypes = load_prototypes(tmp_path / "p.h5")
+    assert {int(z): int(np.sum(prototypes.element == z)) for z in prototypes.elements} == {1: 6, 6: 6, 8: 3}
+    assert prototypes.features == "interaction" and prototypes.columns.tolist() == list(range(10))
+    latent, atomic_number, energy = read_all_latents(latents)
+    assert_consistent(prototypes, latent, atomic_number, energy)
+    oxygen = atomic_number == 8
+    np.testing.assert_allclose(prototypes.radius[prototypes.element == 8], 0.0, atol=1e-6)
+    prototype_id, distance = assign(prototypes, latent[:5], np.full(5, 7))
+    assert (prototype_id == -1).all() and np.isinf(distance).all()
+    assert oxygen.sum() == prototypes.count[prototypes.element == 8].sum() == 15
+    summary = json.loads(summary_path(tmp_path / "p.h5").read_text())
+    assert summary["results"]["elements_without_atoms"] == [7]
+    assert any("Z=8" in note for note in summary["results"]["notes"])
+
+
+def test_no_standardize_and_energy_features(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2, 6: 3})
+    prototypes = build(latents, tmp_path / "p.h5", k=3, features="energy", standardize=False)
+    assert prototypes.columns.tolist() == [10, 11] and not prototypes.standardized
+    np.testing.assert_array_equal(prototypes.feature_mean, 0.0)
+    np.testing.assert_array_equal(prototypes.feature_std, 1.0)
+    assert_consistent(prototypes, *read_all_latents(latents))
+
+
+def test_same_inputs_and_seed_give_byte_identical_files(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 3, 6: 5, 8: 4})
+    build(latents, tmp_path / "a.h5", k="auto", seed=7)
+    build(latents, tmp_path / "b.h5", k="auto", seed=7)
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    build(latents, tmp_path / "c.h5", k="auto", seed=8)
+    assert file_contents(tmp_path / "a.h5").keys() == file_contents(tmp_path / "c.h5").keys()
+    assert file_contents(tmp_path / "a.h5")["/@seed"] == 7
+
+
+def test_provenance_is_copied_from_the_latent_files(tmp_path):
+    first = write_synthetic_latents(tmp_path / "one.h5", {1: 2, 6: 2}, seed=1)
+    second = write_synthetic_latents(tmp_path / "two.h5", {1: 2, 8: 2}, seed=2)
+    prototypes = build([first, second], tmp_path / "p.h5", k=2, niter=5, seed=3)
+    header = schema.read_latents(first).header
+    assert prototypes.model_sha256 == header.model_sha256 and prototypes.model_path == header.model_path
+    assert prototypes.head == header.head and prototypes.e0s == header.e0s and prototypes.layout == header.layout
+    assert [f["path"] for f in prototypes.latent_files] == [str(first.resolve()), str(second.resolve())]
+    assert prototypes.latent_files[0]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert (prototypes.k_requested, prototypes.niter, prototypes.seed) == ("2", 5, 3)
+    assert prototypes.versions["faiss-cpu"] != "not installed"
+    assert prototypes.elements.tolist() == [1, 6, 8]
+    assert int(np.sum(prototypes.element == 1)) == 2
+    assert_consistent(prototypes, *read_all_latents([first, second]))
+
+
+def test_assign_checks_its_input(tmp_path):
+    prototypes = build(write_synthetic_latents(tmp_path / "latents.h5", {1: 2}), tmp_path / "p.h5", k=2)
+    with pytest.raises(ProtoalignError, match="columns"):
+        assign(prototypes, np.zeros((3, 5)), np.ones(3))
+    with pytest.raises(ProtoalignError, match="atomic numbers"):
+        assign(prototypes, np.zeros((3, 12)), np.ones(2))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["prototypes", *map(str, args)])
+
+
+def assert_one_line_error(result, match: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and match in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("other, what", [
+    (dict(model_sha256="b" * 64), "model"),
+    (dict(head="other"), "head"),
+    (dict(n_energy=3), "latent layout"),
+])
+def test_mixing_latent_files_is_refused(tmp_path, other, what):
+    first = write_synthetic_latents(tmp_path / "one.h5", {1: 2})
+    second = write_synthetic_latents(tmp_path / "two.h5", {1: 2}, **other)
+    out = tmp_path / "p.h5"
+    out.write_bytes(b"previous output")
+    result = run_cli(first, second, "--out", out, "--k", "2", "--overwrite")
+    assert_one_line_error(result, f"differ in {what}")
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "p.h5", "two.h5"]
+
+
+@pytest.mark.parametrize("options, match", [
+    (["--k", "0"], "--k must be >= 1"),
+    (["--k", "many"], "--k must be a positive integer"),
+    (["--k-grid", "0,4"], "--k-grid"),
+    (["--niter", "0"], "--niter"),
+])
+def test_bad_options_are_refused(tmp_path, options, match):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2})
+    result = run_cli(latents, "--out", tmp_path / "p.h5", *options)
+    assert_one_line_error(result, match)
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_empty_corrupt_and_missing_inputs_are_refused(tmp_path):
+    empty = write_synthetic_latents(tmp_path / "empty.h5", {})
+    assert_one_line_error(run_cli(empty, "--out", tmp_path / "p.h5"), "holds no atoms")
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 4)
+    assert_one_line_error(run_cli(corrupt, "--out", tmp_path / "p.h5"), "cannot open latent file")
+    truncated = tmp_path / "truncated.h5"
+    whole = write_synthetic_latents(tmp_path / "whole.h5", {1: 2}).read_bytes()
+    truncated.write_bytes(whole[:len(whole) // 2])
+    assert_one_line_error(run_cli(truncated, "--out", tmp_path / "p.h5"), "truncated file")
+    with h5py.File(tmp_path / "whole.h5", "a") as handle:
+        del handle[schema.ATOMIC_NUMBER]
+    assert_one_line_error(run_cli(tmp_path / "whole.h5", "--out", tmp_path / "p.h5"), "is corrupt")
+    assert_one_line_error(run_cli(tmp_path / "absent.h5", "--out", tmp_path / "p.h5"), "does not exist")
+    not_latents = tmp_path / "other.h5"
+    with h5py.File(not_latents, "w") as handle:
+        handle["x"] = 1
+    assert_one_line_error(run_cli(not_latents, "--out", tmp_path / "p.h5"), "not a protoalign latent file")
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2})
+    out = tmp_path / "p.h5"
+    assert run_cli(latents, "--out", out, "--k", "2").exit_code == 0
+    before = out.read_bytes(), summary_path(out).read_bytes()
+    assert_one_line_error(run_cli(latents, "--out", out, "--k", "3"), "exists; pass --overwrite")
+    summary_path(out).unlink()
+    assert_one_line_error(run_cli(latents, "--out", out, "--k", "3"), "exists; pass --overwrite")
+    assert out.read_bytes() == before[0]
+    assert run_cli(latents, "--out", out, "--k", "3", "--overwrite").exit_code == 0
+    assert load_prototypes(out).n_prototypes == 3
+
+
+def test_gpu_request_falls_back_to_the_cpu_with_a_message(tmp_path):
+    from protoalign_cli.prototypes import gpu_available
+
+    if gpu_available():
+        pytest.skip("FAISS sees a GPU here")
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2})
+    result = run_cli(latents, "--out", tmp_path / "p.h5", "--k", "2", "--gpu")
+    assert result.exit_code == 0 and "clustering on the CPU" in result.output
+
+
+def test_corrupt_prototype_files_are_refused(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2, 6: 2})
+    out = tmp_path / "p.h5"
+    build(latents, out, k=2)
+    with pytest.raises(ProtoalignError, match="not a protoalign prototype file"):
+        load_prototypes(latents)
+    with h5py.File(out, "a") as handle:
+        del handle["faiss_index/6"]
+    with pytest.raises(ProtoalignError, match="is corrupt"):
+        load_prototypes(out)
+
+
+def test_error_from_a_subprocess_is_one_line_without_traceback(tmp_path):
+    first = write_synthetic_latents(tmp_path / "one.h5", {1: 2})
+    second = write_synthetic_latents(tmp_path / "two.h5", {1: 2}, model_sha256="c" * 64)
+    script = "from protoalign_cli.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", script, "prototypes", str(first), str(second), "--out", str(tmp_path / "p.h5")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("Error: ") and "differ in model" in result.stderr
+    assert not (tmp_path / "p.h5").exists()
+
+
+# ----------------------------------------------------------------------------- real MACE latents
+
+
+def test_prototypes_of_the_tiny_model_latents(tiny_model, molecules_xyz, tmp_path):
+    latents = extract_latents(tiny_model, molecules_xyz, tmp_path / "latents.h5")
+    result = run_cli(latents, "--out", tmp_path / "p.h5", "--k", "auto", "--k-grid", "2,3,4")
+    assert result.exit_code == 0, result.output
+    prototypes = load_prototypes(tmp_path / "p.h5")
+    assert prototypes.elements.tolist() == [1, 6, 7, 8]
+    assert prototypes.model_sha256 == hashlib.sha256(Path(tiny_model).read_bytes()).hexdigest()
+    assert_consistent(prototypes, *read_all_latents(latents))
+
+
+@pytest.mark.shared
+def test_prototypes_of_the_shared_source_geometries(shared_dir, tmp_path):
+    model = shared_dir / "models" / "ani500k_small_CC.model"
+    latent_files = [
+        extract_latents(model, shared_dir / "data" / "md17-xtb" / f"{name}.xyz", tmp_path / f"{name}.h5", max_configs=100)
+        for name in SOURCE_MOLECULES
+    ]
+    prototypes = build(latent_files, tmp_path / "p.h5", k=16)
+    assert prototypes.elements.tolist() == [1, 6, 7, 8]
+    assert all(np.sum(prototypes.element == z) == 16 for z in (1, 6, 7, 8))
+    assert prototypes.model_path == str(model) and prototypes.head == "Default"
+    assert [Path(f["path"]).name for f in prototypes.latent_files] == [f"{n}.h5" for n in SOURCE_MOLECULES]
+    assert_consistent(prototypes, *read_all_latents(latent_files))
