@@ -9,6 +9,9 @@ Plain and aligned runs alternate (plain, aligned, plain, aligned, ...), each a f
 identical mace_run_train arguments. An epoch's wall time is the interval between MACE's
 consecutive "Epoch E:" log lines (training + validation + checkpoint; the aligned side also
 builds per-batch targets, computes the term and logs it); the first epoch is left out (warm-up).
+Reported: the ratio of pooled median epoch times, the ratio within each back-to-back pair (less
+sensitive to a machine whose load drifts), and the share of each aligned epoch spent inside the
+term itself (timed by protoalign, forward part; its backward is a few elementwise operations).
 The one-time assignment (pretrained-model pass over the target data + nearest-prototype search)
 is reported separately, from protoalign's run record.
 
@@ -103,7 +106,23 @@ def run_side(kind: str, work_dir: Path, args: list[str], prototypes: Path, align
         record = json.loads((work_dir / "protoalign_finetune.json").read_text())
         side["assignment_seconds"] = record["results"]["assignment_seconds"]
         side["assignment"] = record["results"]["assignment"]["all"]
+        side["term_seconds"] = term_seconds(work_dir / "protoalign" / "align_bench_run-3.jsonl")
     return side
+
+
+def term_seconds(jsonl: Path) -> list[float]:
+    """Per epoch (1, 2, ...): wall seconds spent in the alignment term, training plus validation."""
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    epochs = [r for r in lines if "event" not in r and not r["initial"] and r["epoch"] > 0]
+    return [r["train"]["seconds"] + sum(v["seconds"] for v in r.get("valid", {}).values()) for r in epochs]
+
+
+def cpu_model() -> str:
+    """The CPU model name (as lscpu shows it)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -135,14 +154,19 @@ def main() -> None:
     def pooled(kind: str, key: str) -> list[float]:
         return [t for side in sides if side["kind"] == kind for t in side[key]]
 
+    pairs = list(zip(sides[0::2], sides[1::2]))  # (plain, aligned) run back to back
+    pair_ratios = [statistics.median(a["epoch_seconds"]) / statistics.median(p["epoch_seconds"]) for p, a in pairs]
+    term_shares = [t / e for a in sides[1::2] for t, e in zip(a["term_seconds"], a["epoch_seconds"])]
     summary = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "command": " ".join(["python", "benchmarks/bench_finetune.py", *sys.argv[1:]]),
+        "machine": cpu_model(), "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_at_end": os.getloadavg(),
         "n_train": options.n_train, "epochs": options.epochs, "batch_size": options.batch_size,
         "repeats": options.repeats, "align_weight": options.align_weight,
         "median_epoch_seconds": {k: statistics.median(pooled(k, "epoch_seconds")) for k in ("plain", "aligned")},
         "median_step_seconds": {k: statistics.median(pooled(k, "step_seconds")) for k in ("plain", "aligned")},
+        "pair_epoch_ratios": pair_ratios,
+        "median_term_share_of_epoch": statistics.median(term_shares),
         "assignment_seconds": [s["assignment_seconds"] for s in sides if s["kind"] == "aligned"],
         "sides": sides,
     }
@@ -151,7 +175,9 @@ def main() -> None:
     (out / "bench_finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"median epoch: plain {summary['median_epoch_seconds']['plain']:.2f} s, aligned "
           f"{summary['median_epoch_seconds']['aligned']:.2f} s, ratio {summary['epoch_ratio']:.3f}")
-    print(f"median optimizer step: ratio {summary['step_ratio']:.3f}")
+    print(f"median optimizer step: ratio {summary['step_ratio']:.3f}; per back-to-back pair, epoch ratio "
+          f"{', '.join('%.3f' % r for r in pair_ratios)}")
+    print(f"time spent in the alignment term: median {100 * summary['median_term_share_of_epoch']:.2f} % of an epoch")
     print(f"one-time assignment: {', '.join('%.1f s' % s for s in summary['assignment_seconds'])} "
           f"(computed afresh in each aligned run, each has its own work folder)")
 

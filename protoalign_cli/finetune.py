@@ -373,6 +373,8 @@ def run_finetune(request: FinetuneRequest) -> dict:
         del model
         save_assignment(cache_path, assignment)
     ignored = check_missing_elements(assignment, request.missing_elements)
+    if ignored:
+        logging.warning(f"protoalign: target element(s) {', '.join(ignored)} have no prototypes; their atoms get weight 0")
     table, weight = build_table(assignment, prototypes, settings, args.default_dtype)
     assignment_seconds = time.perf_counter() - started
 

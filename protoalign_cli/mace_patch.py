@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -76,9 +77,10 @@ class _Sums:
         self.weight_sum = 0.0
         self.graphs = 0
         self.graphs_missing = 0
+        self.seconds = 0.0  # wall time spent on the term (lookup + math), this rank
 
     def as_list(self) -> list[float]:
-        return [self.weighted_square_sum, self.weight_sum, float(self.graphs), float(self.graphs_missing)]
+        return [self.weighted_square_sum, self.weight_sum, float(self.graphs), float(self.graphs_missing), self.seconds]
 
     def mean(self) -> float | None:
         return self.weighted_square_sum / self.weight_sum if self.weight_sum > 0 else None
@@ -137,18 +139,22 @@ class AlignmentTracker:
         """Return ``loss + λ · term`` for a batch; with λ = 0 return ``loss`` itself (term only recorded)."""
         if self._e0_table is None:
             raise RuntimeError("protoalign: the loss was called before the model was configured")
+        started = time.perf_counter()
         ddp = _ddp_enabled() if ddp is None else ddp
         lam = self.current_lambda()
-        # torchmetrics calls MACE's loss twice per validation batch: count each batch once.
-        sums = self._sums.get(self._phase) if self._phase is not None and ref is not self._last_ref else None
+        phase_sums = self._sums.get(self._phase) if self._phase is not None else None
+        # torchmetrics calls MACE's loss twice per validation batch: count each batch's values once.
+        sums = phase_sums if ref is not self._last_ref else None
         self._last_ref = ref
         with contextlib.nullcontext() if lam > 0 else torch.no_grad():
             term, weighted_square_sum, weight_sum = self._term(ref, pred, ddp, sums)
+        if lam > 0:
+            loss = loss + (lam * term).to(loss.dtype)
         if sums is not None:
             sums.weighted_square_sum += float(weighted_square_sum)
             sums.weight_sum += float(weight_sum)
-        if lam > 0:
-            return loss + (lam * term).to(loss.dtype)
+        if phase_sums is not None:
+            phase_sums.seconds += time.perf_counter() - started
         return loss
 
     def _term(self, ref, pred, ddp, sums: _Sums | None):
@@ -224,9 +230,9 @@ class AlignmentTracker:
         names = sorted(self._sums)
         totals = self._reduce([self._sums[name].as_list() for name in names])
         record = {"epoch": self.epoch, "initial": self._pending == "initial", "lambda": self.current_lambda()}
-        for name, (square_sum, weight_sum, graphs, missing) in zip(names, totals):
+        for name, (square_sum, weight_sum, graphs, missing, seconds) in zip(names, totals):
             values = {"align": square_sum / weight_sum if weight_sum > 0 else None, "weight": weight_sum,
-                      "graphs": int(graphs), "graphs_missing": int(missing)}
+                      "graphs": int(graphs), "graphs_missing": int(missing), "seconds": seconds}
             if name == "train":
                 record["train"] = values
             else:
