@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from protoalign_cli.errors import ProtoalignError
+
 WEIGHTINGS = ("hard", "gaussian")
 DECAYS = ("none", "linear", "cosine")
 REFERENCES = ("absolute", "centered")
@@ -46,6 +48,26 @@ class AlignmentSettings:
     cutoff: float = 1.0
     spread_scale: float | None = None
     reference: str = "centered"
+
+
+def check_settings(settings: AlignmentSettings) -> None:
+    """Raise ProtoalignError for impossible alignment settings."""
+    if not settings.weight >= 0 or not np.isfinite(settings.weight):
+        raise ProtoalignError(f"--align-weight must be a finite number >= 0, got {settings.weight}")
+    if settings.warmup_epochs < 0:
+        raise ProtoalignError(f"--align-warmup-epochs must be >= 0, got {settings.warmup_epochs}")
+    if settings.decay not in DECAYS:
+        raise ProtoalignError(f"--align-decay must be one of {', '.join(DECAYS)}")
+    if settings.decay_epochs is not None and settings.decay_epochs < 1:
+        raise ProtoalignError(f"--align-decay-epochs must be >= 1, got {settings.decay_epochs}")
+    if settings.weighting not in WEIGHTINGS:
+        raise ProtoalignError(f"--align-weighting must be one of {', '.join(WEIGHTINGS)}")
+    if not settings.cutoff > 0:
+        raise ProtoalignError(f"--align-cutoff must be > 0, got {settings.cutoff}")
+    if settings.spread_scale is not None and not settings.spread_scale > 0:
+        raise ProtoalignError(f"--align-spread-scale must be > 0 (eV), got {settings.spread_scale}")
+    if settings.reference not in REFERENCES:
+        raise ProtoalignError(f"--align-reference must be one of {', '.join(REFERENCES)}")
 
 
 def lambda_at_epoch(epoch: int, settings: AlignmentSettings) -> float:

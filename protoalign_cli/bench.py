@@ -42,6 +42,8 @@ TRAINED_METHODS = METHODS[:-1]
 HARNESS_ARGS = ("--name", "--seed", "--train_file", "--valid_file", "--test_file", "--work_dir",
                 "--foundation_model", "--multiheads_finetuning", "--pt_train_file", "--energy_key",
                 "--forces_key", "--device")
+CONFIG_KEYS = ("name", "foundation_model", "device", "source", "target", "split", "budgets", "seeds", "mace_args",
+               "methods", "baseline", "reuse_runs_from", "notes")
 MODEL_NAME = "model"
 DONE = "done.json"
 CSV_COLUMNS = ("method", "setting", "n_train", "seed", "energy_mae_mev", "energy_rmse_mev",
@@ -118,6 +120,7 @@ class BenchConfig:
     source_extract_args: tuple[str, ...] = ()
     source_prototypes_args: tuple[str, ...] = ()
     reuse_runs_from: tuple[Path, ...] = ()
+    notes: str = ""
 
     def method(self, name: str) -> MethodSpec:
         """The method entry called ``name``."""
@@ -225,6 +228,9 @@ def load_config(path: Path) -> BenchConfig:
     for key in ("foundation_model", "target", "split", "budgets", "seeds", "methods"):
         if key not in raw:
             raise ProtoalignError(f"{path}: missing key '{key}'")
+    unknown = set(raw) - set(CONFIG_KEYS)
+    if unknown:
+        raise ProtoalignError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(CONFIG_KEYS)}")
     target = raw["target"] if isinstance(raw["target"], dict) else {"files": raw["target"]}
     split_raw = raw["split"] or {}
     split = Split(pool=_range(split_raw.get("pool"), "pool"), valid=_range(split_raw.get("valid"), "valid"),
@@ -270,6 +276,7 @@ def load_config(path: Path) -> BenchConfig:
         source_extract_args=_as_args(source.get("extract_args"), "source.extract_args"),
         source_prototypes_args=_as_args(source.get("prototypes_args"), "source.prototypes_args"),
         reuse_runs_from=_paths(raw["reuse_runs_from"], base, "reuse_runs_from") if raw.get("reuse_runs_from") else (),
+        notes=str(raw.get("notes") or "").strip(),
     )
     _check_files(config)
     return config
@@ -320,11 +327,11 @@ def error_metrics(pred_energy: np.ndarray, ref_energy: np.ndarray, n_atoms: np.n
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value); (nan, nan) when empty."""
+    """Mean and sample standard deviation (ddof 1: nan for a single value); (nan, nan) when empty."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return math.nan, math.nan
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
 
 
 def paired_percent_differences(values: dict[int, float], baseline: dict[int, float]) -> list[float]:
@@ -780,9 +787,12 @@ def reuse_finished(config: BenchConfig, layout: BenchLayout, run: Run, fingerpri
         done = read_done(other / "runs" / run.method / run.key / DONE)
         if done is not None and done.get("fingerprint") == fingerprint:
             folder = layout.run_dir(run)
-            folder.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)  # what an unfinished attempt left
+            folder.mkdir(parents=True)
+            done = {**done, "reused_from": str(other)}
             with atomic_output(folder / DONE, overwrite=True) as tmp:
-                tmp.write_text(json.dumps({**done, "reused_from": str(other)}, indent=2) + "\n")
+                tmp.write_text(json.dumps(done, indent=2) + "\n")
             return done
     return None
 
@@ -962,7 +972,8 @@ def _pm(pair: tuple, digits: int = 1, sign: bool = False) -> str:
     mean, sd = pair[0], pair[1]
     if math.isnan(mean):
         return "–"
-    return f"{mean:+.{digits}f} ± {sd:.{digits}f}" if sign else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text if math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
 
 
 def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
@@ -977,8 +988,9 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
         "",
         f"Shared mace_run_train arguments: `{' '.join(config.mace_args)}`.",
         "Each run's model is the one mace writes (lowest validation loss; EMA weights with --ema), evaluated in "
-        "float64 with MACECalculator on the test set. Errors: mean ± sd over seeds; Δ: paired per-seed "
+        "float64 with MACECalculator on the test set. Errors: mean ± sd over seeds (no sd for one seed); Δ: paired per-seed "
         f"difference to `{config.baseline}` in %, mean ± sd (negative = better).",
+        *(["", config.notes] if config.notes else []),
         "",
         "| method | setting | N | seeds | E MAE (meV) | E MAE (meV/atom) | F MAE (meV/Å) | ΔE vs baseline (%) | ΔF vs baseline (%) | valid E MAE (meV) | train time (s) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -993,7 +1005,7 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
                 f"{_pm(stats['energy_mae_mev_per_atom'], 2)} | {_pm(stats['force_mae_mev_per_a'])} | "
                 f"{'–' if is_base else _pm(stats['delta_energy_mae_mev'], sign=True)} | "
                 f"{'–' if is_base else _pm(stats['delta_force_mae_mev_per_a'], sign=True)} | "
-                f"{_pm(stats['valid_energy_mae_mev'])} | {stats['wall_time_s'][0]:.0f} |"
+                f"{_pm(stats['valid_energy_mae_mev'], 2)} | {stats['wall_time_s'][0]:.0f} |"
             )
     for method in config.methods:
         if method.kind != "select":
@@ -1002,7 +1014,7 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
         lines += ["", f"`{method.name}` picks among {', '.join(f'`{c}`' for c in method.candidates)} the one with the "
                   f"lowest validation energy MAE per {'(N, seed)' if method.scope == 'run' else 'N (mean over seeds)'}; "
                   "the test set plays no part. Choices:", ""]
-        lines += [f"- N={r['n_train']} seed={r['seed']}: {r['chosen']} (valid E MAE {r['valid_energy_mae_mev']:.1f} meV)"
+        lines += [f"- N={r['n_train']} seed={r['seed']}: {r['chosen']} (valid E MAE {r['valid_energy_mae_mev']:.2f} meV)"
                   for r in sorted(picks, key=lambda r: (r["n_train"], r["seed"]))]
     devices = sorted({str(r.get("device")) for r in rows})
     lines += ["", f"Runs finished: {sum(1 for r in rows if config.method(r['method']).kind != 'select')} "
@@ -1025,7 +1037,8 @@ def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path
             continue
         for axis, column in zip(axes, ("energy_mae_mev", "force_mae_mev_per_a")):
             stats = [mean_sd([r[column] for r in rows if r["method"] == method and r["n_train"] == n]) for n in budgets]
-            axis.errorbar(budgets, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=method)
+            axis.errorbar(budgets, [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats], marker="o",
+                          capsize=3, label=method)
     for axis, label in zip(axes, ("test energy MAE (meV)", "test force MAE (meV/Å)")):
         axis.set_xscale("log")
         axis.set_yscale("log")

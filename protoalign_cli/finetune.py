@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from protoalign_cli.alignment import DECAYS, REFERENCES, WEIGHTINGS, AlignmentSettings, atom_targets_and_weights
+from protoalign_cli.alignment import AlignmentSettings, atom_targets_and_weights, check_settings
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.mace_patch import PRETRAINING_HEAD, AlignmentTable, AlignmentTracker, patched_mace
 from protoalign_cli.provenance import run_summary, sha256_file, write_summary
@@ -55,26 +55,6 @@ class TargetFile:
     path: str
 
 
-def check_settings(settings: AlignmentSettings) -> None:
-    """Raise ProtoalignError for impossible alignment settings."""
-    if not settings.weight >= 0 or not np.isfinite(settings.weight):
-        raise ProtoalignError(f"--align-weight must be a finite number >= 0, got {settings.weight}")
-    if settings.warmup_epochs < 0:
-        raise ProtoalignError(f"--align-warmup-epochs must be >= 0, got {settings.warmup_epochs}")
-    if settings.decay not in DECAYS:
-        raise ProtoalignError(f"--align-decay must be one of {', '.join(DECAYS)}")
-    if settings.decay_epochs is not None and settings.decay_epochs < 1:
-        raise ProtoalignError(f"--align-decay-epochs must be >= 1, got {settings.decay_epochs}")
-    if settings.weighting not in WEIGHTINGS:
-        raise ProtoalignError(f"--align-weighting must be one of {', '.join(WEIGHTINGS)}")
-    if not settings.cutoff > 0:
-        raise ProtoalignError(f"--align-cutoff must be > 0, got {settings.cutoff}")
-    if settings.spread_scale is not None and not settings.spread_scale > 0:
-        raise ProtoalignError(f"--align-spread-scale must be > 0 (eV), got {settings.spread_scale}")
-    if settings.reference not in REFERENCES:
-        raise ProtoalignError(f"--align-reference must be one of {', '.join(REFERENCES)}")
-
-
 def parse_mace_args(mace_args: Sequence[str]):
     """Parse mace_run_train arguments with MACE's own parser (YAML ``--config`` included).
 
@@ -101,7 +81,12 @@ def parse_mace_args(mace_args: Sequence[str]):
 def target_files(args) -> list[TargetFile]:
     """The training and validation files of every head except MACE's replay head 'pt_head'."""
     if args.heads is not None:
-        heads = ast.literal_eval(args.heads) if isinstance(args.heads, str) else dict(args.heads)
+        try:
+            heads = ast.literal_eval(args.heads) if isinstance(args.heads, str) else dict(args.heads)
+        except (ValueError, SyntaxError):
+            raise ProtoalignError(f"--heads must be a Python dict literal, got {args.heads!r}") from None
+        if not isinstance(heads, dict) or not all(isinstance(spec, dict) for spec in heads.values()):
+            raise ProtoalignError(f"--heads must map head names to dicts, got {args.heads!r}")
     else:
         heads = {"Default": {"train_file": args.train_file, "valid_file": args.valid_file}}
     files: list[TargetFile] = []
@@ -139,12 +124,15 @@ def launch_rank(args) -> tuple[int, int]:
     """(rank, local rank) of this process as its launcher tells it, read like MACE does before it initialises DDP."""
     if not args.distributed or args.launcher == "none":
         return 0, 0
-    environ = os.environ
-    if args.launcher == "slurm":
-        return int(environ.get("SLURM_PROCID", environ.get("RANK", 0))), int(environ.get("SLURM_LOCALID", environ.get("LOCAL_RANK", 0)))
-    if args.launcher == "mpi":
-        return int(environ.get("OMPI_COMM_WORLD_RANK", 0)), int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
-    return int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0))
+    names = {
+        "slurm": (("SLURM_PROCID", "RANK"), ("SLURM_LOCALID", "LOCAL_RANK")),
+        "mpi": (("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_LOCAL_RANK",)),
+    }.get(args.launcher, (("RANK",), ("LOCAL_RANK",)))
+
+    def first_set(candidates: tuple[str, ...]) -> int:
+        return int(next((os.environ[name] for name in candidates if name in os.environ), 0))
+
+    return first_set(names[0]), first_set(names[1])
 
 
 def precompute_device(args) -> str:
@@ -267,7 +255,8 @@ def load_assignment(path: Path) -> dict | None:
         return None
 
 
-def build_table(assignment: dict, prototypes, settings: AlignmentSettings, dtype: str) -> tuple[AlignmentTable, np.ndarray]:
+def build_table(assignment: dict, prototypes, settings: AlignmentSettings,
+                dtype: str) -> tuple[AlignmentTable, np.ndarray]:
     """The lookup table of per-atom targets (eV) and weights; also returns the per-atom weights."""
     target, weight = atom_targets_and_weights(
         assignment["prototype_id"], assignment["distance"], prototypes.radius,
@@ -374,7 +363,8 @@ def run_finetune(request: FinetuneRequest) -> dict:
         save_assignment(cache_path, assignment)
     ignored = check_missing_elements(assignment, request.missing_elements)
     if ignored:
-        logging.warning(f"protoalign: target element(s) {', '.join(ignored)} have no prototypes; their atoms get weight 0")
+        logging.warning(f"protoalign: target element(s) {', '.join(ignored)} have no prototypes; "
+                        "their atoms get weight 0")
     table, weight = build_table(assignment, prototypes, settings, args.default_dtype)
     assignment_seconds = time.perf_counter() - started
 
@@ -405,8 +395,9 @@ def run_finetune(request: FinetuneRequest) -> dict:
         if is_rank_zero:
             write_summary(record_path, run_summary("finetune", inputs, results))
         if isinstance(exc, Exception) and not isinstance(exc, ProtoalignError):
+            debug_log = Path(args.log_dir or work_dir / "logs") / f"{tag}_debug.log"
             raise ProtoalignError(f"mace_run_train failed: {type(exc).__name__}: {exc} "
-                                  f"(traceback in {Path(args.log_dir or work_dir / 'logs') / (tag + '_debug.log')})") from exc
+                                  f"(traceback in {debug_log})") from exc
         raise
     results["status"] = "finished"
     results["epochs_logged"] = len([r for r in tracker.records if not r["initial"]])

@@ -113,7 +113,8 @@ class AlignmentTracker:
     def attach_model(self, model) -> None:
         """Read E0s (eV), element table and heads from the model MACE is about to train."""
         if not hasattr(model, "atomic_energies_fn"):
-            raise ProtoalignError(f"{type(model).__name__} has no atomic energies; the alignment term needs an energy model")
+            raise ProtoalignError(f"{type(model).__name__} has no atomic energies; "
+                                  "the alignment term needs an energy model")
         heads = list(getattr(model, "heads", None) or ["Default"])
         e0 = model.atomic_energies_fn.atomic_energies.detach().to(device="cpu", dtype=torch.float64)
         self._e0_table = e0.reshape(len(heads), -1)
@@ -344,7 +345,8 @@ def patched_mace(tracker: AlignmentTracker) -> Iterator[None]:
         return model, output_args
 
     def train_tracking(*args, **kwargs):
-        tracker.begin_training(_argument(train, "start_epoch", args, kwargs), _argument(train, "valid_loaders", args, kwargs))
+        tracker.begin_training(_argument(train, "start_epoch", args, kwargs),
+                               _argument(train, "valid_loaders", args, kwargs))
         try:
             return train(*args, **kwargs)
         finally:

@@ -68,7 +68,7 @@ def test_training_sets_are_seeded_and_nested_over_budgets():
 
 def test_mean_sd_and_paired_differences():
     assert bench.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    assert bench.mean_sd([5.0]) == (5.0, 0.0)
+    assert bench.mean_sd([5.0])[0] == 5.0 and math.isnan(bench.mean_sd([5.0])[1])
     assert all(math.isnan(v) for v in bench.mean_sd([]))
     diffs = bench.paired_percent_differences({0: 8.0, 1: 15.0, 2: 1.0}, {0: 10.0, 1: 10.0})
     assert diffs == pytest.approx([-20.0, 50.0])
@@ -126,6 +126,9 @@ def test_config_errors_are_one_line(tmp_path, tiny_model, molecules_xyz):
     (tmp_path / "bench.yaml").write_text(overlapping.replace("valid: [12, 16]", "valid: [10, 16]"))
     with pytest.raises(ProtoalignError, match="overlap"):
         bench.load_config(tmp_path / "bench.yaml")
+    (tmp_path / "bench.yaml").write_text(overlapping + "\nreuse_run_from: elsewhere\n")
+    with pytest.raises(ProtoalignError, match="unknown key.s. reuse_run_from"):
+        bench.load_config(tmp_path / "bench.yaml")
     result = CliRunner().invoke(main, ["bench", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and result.output.strip() == f"Error: bench config {tmp_path / 'missing.yaml'} does not exist"
 
@@ -169,7 +172,7 @@ def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, 
     # ΔE per seed: -25 %, -10 %  -> -17.5 ± 10.6; ΔF: 0 %, +10 % -> +5.0 ± 7.1
     assert "| align-1e-2 | λ=0.01 | 6 | 2 | 12.0 ± 4.2 | 2.40 ± 0.85 | 42.0 ± 2.8 | -17.5 ± 10.6 | +5.0 ± 7.1 |" in text
     assert "| naive | – | 6 | 2 | 15.0 ± 7.1 |" in text
-    assert "- N=6 seed=1: align-1e-2 (valid E MAE 9.0 meV)" in text
+    assert "- N=6 seed=1: align-1e-2 (valid E MAE 9.00 meV)" in text
 
 
 def test_fingerprint_follows_file_contents_not_folders(tmp_path, tiny_model, molecules_xyz):

@@ -21,6 +21,7 @@ import mace  # noqa: F401  (before e3nn/torch users)
 import torch
 
 from protoalign_cli.cli import main
+from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.finetune import mace_process_state
 
 EPOCHS = 3
@@ -178,15 +179,16 @@ def test_restart_latest_restores_the_term(runs, tmp_path, tiny_model, molecules_
 
 @pytest.fixture(scope="module")
 def replay_swa_run(tmp_path_factory, tiny_model, molecules_xyz, prototypes_file) -> Path:
-    """Work folder of a run with multihead replay (pt_head on the same molecules) and stage two from epoch 1."""
+    """Work folder of a run with multihead replay (pt_head on the same molecules), stage two from epoch 1, float32."""
     work_dir = tmp_path_factory.mktemp("replay_swa")
     args = mace_args(work_dir, tiny_model, molecules_xyz, 2, "--multiheads_finetuning", "True",
-                     "--pt_train_file", molecules_xyz, "--swa", "--start_swa", "1")
+                     "--pt_train_file", molecules_xyz, "--swa", "--start_swa", "1", "--default_dtype", "float32")
     finetune(prototypes_file, args, "--align-weight", "1")
     return work_dir
 
 
 def test_multihead_replay_aligns_only_the_target_head(replay_swa_run):
+    """Also float32 training: every target graph of the batches is found in the table."""
     for logged in epoch_records(records(replay_swa_run)).values():
         assert logged["train"]["align"] > 0 and logged["train"]["graphs_missing"] == 0
         assert logged["train"]["graphs"] == 18  # the 18 target configurations, not the 18 replayed ones
@@ -194,6 +196,7 @@ def test_multihead_replay_aligns_only_the_target_head(replay_swa_run):
         assert logged["valid"]["Default"]["align"] > 0 and logged["valid"]["Default"]["graphs"] == 6
     model = torch.load(replay_swa_run / "tiny.model", map_location="cpu", weights_only=False)
     assert list(model.heads) == ["pt_head", "Default"]
+    assert next(model.parameters()).dtype == torch.float32
 
 
 def test_swa_stage_two_keeps_the_term(replay_swa_run):
@@ -212,7 +215,8 @@ def test_mace_yaml_config_is_understood(tmp_path, tiny_model, molecules_xyz):
                       f"valid_file: {molecules_xyz}\nmax_num_epochs: 7\n")
     args = parse_mace_args(["--config", str(config), "--seed", "5"])
     assert (args.foundation_model, args.max_num_epochs, args.seed) == (str(tiny_model), 7, 5)
-    assert [(f.role, f.path) for f in target_files(args)] == [("train", str(molecules_xyz)), ("valid", str(molecules_xyz))]
+    expected = [("train", str(molecules_xyz)), ("valid", str(molecules_xyz))]
+    assert [(f.role, f.path) for f in target_files(args)] == expected
 
 
 def test_heads_dict_skips_the_replay_head(tmp_path, molecules_xyz):
@@ -221,6 +225,8 @@ def test_heads_dict_skips_the_replay_head(tmp_path, molecules_xyz):
     heads = {"dft": {"train_file": str(molecules_xyz)}, "pt_head": {"train_file": "/nonexistent.xyz"}}
     args = parse_mace_args(["--name", "x", "--heads", repr(heads)])
     assert [(f.head, f.role) for f in target_files(args)] == [("dft", "train")]
+    with pytest.raises(ProtoalignError, match="--heads must be a Python dict literal"):
+        target_files(parse_mace_args(["--name", "x", "--heads", "{'dft': "]))
 
 
 def test_batch_keys_match_the_precomputed_table(molecules_xyz):
@@ -359,7 +365,8 @@ def test_prototypes_of_another_head_are_refused(tmp_path, tiny_two_head_model, m
                    "--head", "dft").exit_code == 0
     assert run_cli("prototypes", latents, "--out", prototypes, "--k", "2").exit_code == 0
     args = mace_args(tmp_path / "run", tiny_two_head_model, molecules_xyz, EPOCHS, "--foundation_head", "cc")
-    assert_one_line_error(run_cli("finetune", "--prototypes", prototypes, "--", *args), "prototypes describe head 'dft'")
+    result = run_cli("finetune", "--prototypes", prototypes, "--", *args)
+    assert_one_line_error(result, "prototypes describe head 'dft'")
 
 
 def test_a_failing_mace_run_is_one_line_and_recorded(tmp_path, tiny_model, molecules_xyz, prototypes_file):

@@ -52,7 +52,8 @@ def test_ani_cc_on_aspirin_end_to_end(shared_dir, tmp_path):
     assert record["results"]["status"] == "finished"
     assert record["results"]["assignment"]["configurations"] == {"train": 25, "valid": 80}
     assert set(record["results"]["assignment"]["per_element"]) == {"H", "C", "O"}
-    lines = [json.loads(line) for line in (work_dir / "protoalign" / "align_aspirin_run-3.jsonl").read_text().splitlines()]
+    jsonl = work_dir / "protoalign" / "align_aspirin_run-3.jsonl"
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     epochs = [r for r in lines if "event" not in r and not r["initial"]]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["train"]["align"] > 0 and r["train"]["graphs_missing"] == 0 for r in epochs)

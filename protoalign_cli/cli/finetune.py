@@ -48,16 +48,17 @@ def finetune_command(prototypes, align_weight, align_reference, align_weighting,
     the pretrained model over the target data. Under DDP launch it as
     `torchrun ... -m protoalign_cli finetune ...`.
     """
+    from protoalign_cli.alignment import AlignmentSettings, check_settings
     from protoalign_cli.models import import_mace_quietly
-
-    import_mace_quietly()
-    from protoalign_cli.alignment import AlignmentSettings
-    from protoalign_cli.finetune import FinetuneRequest, run_finetune
 
     settings = AlignmentSettings(
         weight=align_weight, warmup_epochs=align_warmup_epochs, decay=align_decay, decay_epochs=align_decay_epochs,
         weighting=align_weighting, cutoff=align_cutoff, spread_scale=align_spread_scale, reference=align_reference,
     )
+    check_settings(settings)
+    import_mace_quietly()
+    from protoalign_cli.finetune import FinetuneRequest, run_finetune
+
     request = FinetuneRequest(prototypes=prototypes, mace_args=list(mace_args), settings=settings,
                               missing_elements=align_missing_elements, batch_size=batch_size)
     outcome = run_finetune(request)
