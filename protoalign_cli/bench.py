@@ -15,8 +15,8 @@ metrics and is never redone. Energies in eV in files, errors reported in meV, me
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +38,6 @@ from protoalign_cli.outputs import atomic_output
 from protoalign_cli.provenance import run_summary, sha256_file, write_summary
 
 METHODS = ("naive", "align", "multihead", "lora", "freeze", "scratch", "select")
-TRAINED_METHODS = METHODS[:-1]
 HARNESS_ARGS = ("--name", "--seed", "--train_file", "--valid_file", "--test_file", "--work_dir",
                 "--foundation_model", "--multiheads_finetuning", "--pt_train_file", "--energy_key",
                 "--forces_key", "--device")
@@ -211,8 +210,12 @@ def parse_method(entry: dict, index: int) -> MethodSpec:
     return MethodSpec(**spec)
 
 
-def load_config(path: Path) -> BenchConfig:
-    """Read and check a bench YAML file; raise ProtoalignError on anything missing or inconsistent."""
+def load_config(path: Path, check_files: bool = True) -> BenchConfig:
+    """Read and check a bench YAML file; raise ProtoalignError on anything missing or inconsistent.
+
+    ``check_files`` False skips the existence checks of the named files (e.g. prototypes that an
+    earlier bench has yet to build).
+    """
     import yaml
 
     path = Path(path)
@@ -278,7 +281,8 @@ def load_config(path: Path) -> BenchConfig:
         reuse_runs_from=_paths(raw["reuse_runs_from"], base, "reuse_runs_from") if raw.get("reuse_runs_from") else (),
         notes=str(raw.get("notes") or "").strip(),
     )
-    _check_files(config)
+    if check_files:
+        _check_files(config)
     return config
 
 
@@ -1024,24 +1028,32 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
 
 
 def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path) -> None:
-    """Energy and force test MAE vs N (log-log), mean ± sd over seeds, one line per method (PNG)."""
+    """Energy and force test MAE vs N (log-log), mean ± sd over seeds, one line per method (PNG).
+
+    Methods are drawn with distinct markers and a small horizontal offset so identical curves stay visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in methods:
+    drawn = [m for m in methods if any(r["method"] == m for r in rows)]
+    for position, method in enumerate(drawn):
         budgets = sorted({r["n_train"] for r in rows if r["method"] == method})
-        if not budgets:
-            continue
+        offset = 1.0 + 0.015 * (position - (len(drawn) - 1) / 2)
         for axis, column in zip(axes, ("energy_mae_mev", "force_mae_mev_per_a")):
             stats = [mean_sd([r[column] for r in rows if r["method"] == method and r["n_train"] == n]) for n in budgets]
-            axis.errorbar(budgets, [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats], marker="o",
-                          capsize=3, label=method)
+            axis.errorbar([n * offset for n in budgets], [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats],
+                          marker="osD^vP*X"[position % 8], linestyle=("-", "--", ":", "-.")[position % 4], capsize=3,
+                          label=method)
     for axis, label in zip(axes, ("test energy MAE (meV)", "test force MAE (meV/Å)")):
         axis.set_xscale("log")
         axis.set_yscale("log")
+        for scale in (axis.xaxis, axis.yaxis):
+            scale.set_major_formatter(ScalarFormatter())
+            scale.set_minor_formatter(ScalarFormatter())
         axis.set_xlabel("training configurations N")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)

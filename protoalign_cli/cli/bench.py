@@ -13,11 +13,13 @@ import click
               help="Output folder (default: bench_runs/<config name>). Rerunning resumes: finished runs are kept.")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Runs at once (subprocesses).")
 @click.option("--slurm", is_flag=True, help="Prepare splits and source, then write OUT/bench.sbatch (an array job, one task per run) instead of running.")
+@click.option("--sbatch-option", "sbatch_options", multiple=True, metavar="TEXT",
+              help="With --slurm: an extra #SBATCH line (repeatable), e.g. --sbatch-option=--gres=gpu:1.")
 @click.option("--only", multiple=True, metavar="METHOD",
               help="Run only this method's runs this time (repeatable); the summaries cover every finished run.")
 @click.option("--run-index", type=int, default=None, help="Run only this run of the grid (what each array task calls).")
 @click.option("--expect-run", default=None, hidden=True, help="METHOD/N<N>_seed<S> that --run-index must be.")
-def bench_command(config, out, jobs, slurm, only, run_index, expect_run):
+def bench_command(config, out, jobs, slurm, sbatch_options, only, run_index, expect_run):
     """Run a grid of fine-tuning runs (methods x budgets x seeds) from CONFIG.yaml and summarise it.
 
     Writes OUT/runs.csv, OUT/summary.md (mean ± sd over seeds, paired % difference to plain
@@ -34,7 +36,7 @@ def bench_command(config, out, jobs, slurm, only, run_index, expect_run):
                    f"{result['energy_mae_mev']:.2f} meV, force MAE {result['force_mae_mev_per_a']:.2f} meV/Å")
         return
     if slurm:
-        script = write_slurm_script(settings, out, say)
+        script = write_slurm_script(settings, out, say, sbatch_options)
         click.echo(f"wrote {script}; submit it with `sbatch {script}`, then rerun this command without --slurm to summarise")
         return
     result = run_grid(settings, out, jobs, say, only)
