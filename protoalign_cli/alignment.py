@@ -40,7 +40,7 @@ class AlignmentSettings:
     ``spread_scale`` (eV) or None; ``reference`` 'absolute' or 'centered'.
     """
 
-    weight: float = 0.1
+    weight: float = 0.01
     warmup_epochs: int = 0
     decay: str = "none"
     decay_epochs: int | None = None

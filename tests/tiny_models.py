@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from make_example import E0, labelled_frames  # noqa: E402
+
 ELEMENTS = (1, 6, 7, 8)
-E0 = {1: -13.6, 6: -1029.8, 7: -1484.9, 8: -2041.8}
 MOLECULES = ("CH4", "H2O", "NH3", "CH3OH", "C2H6", "HCOOH", "CH3CN", "H2CO")
 
 
@@ -44,23 +47,11 @@ def build_tiny_mace(path: Path, *, hidden: str = "8x0e", heads=None, plain: bool
 
 
 def write_molecules(path: Path, n_configs: int = 24, seed: int = 0, molecules=MOLECULES, rattle: float = 0.05) -> Path:
-    """Write rattled small H/C/N/O molecules with EMT energies/forces as REF_energy/REF_forces (extxyz)."""
-    import ase.io
-    from ase.build import molecule
-    from ase.calculators.emt import EMT
+    """Write rattled small H/C/N/O molecules with EMT energies/forces as REF_energy/REF_forces (extxyz).
 
-    rng = np.random.default_rng(seed)
-    frames = []
-    for i in range(n_configs):
-        atoms = molecule(molecules[i % len(molecules)])
-        atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
-        atoms.center(vacuum=5.0)
-        atoms.pbc = False
-        atoms.calc = EMT()
-        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = None
-        atoms.info["REF_energy"] = energy + sum(E0[z] for z in atoms.numbers)
-        atoms.arrays["REF_forces"] = forces
-        frames.append(atoms)
-    ase.io.write(path, frames, format="extxyz")
+    The labelling is the bundled example's (examples/make_example.py), so tests and example agree.
+    """
+    import ase.io
+
+    ase.io.write(path, labelled_frames(molecules, n_configs, rattle, seed), format="extxyz")
     return path
