@@ -28,15 +28,14 @@ Definitions (docs/diagnose.md explains them at length):
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from protoalign_cli import schema
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.outputs import check_writable, partial_path
+from protoalign_cli.outputs import atomic_directory, check_writable
 
 DEFAULT_ENERGY_KEY = "REF_energy"
 DEFAULT_RADIUS_FACTOR = 1.5
@@ -556,7 +555,7 @@ def predictor_results(prototypes, target: dict, eps_star: np.ndarray,
         note.append(f"{int((has_reference & unassigned).sum())} configurations with an element without prototypes left out")
     if not usable.any():
         return {"available": False, "note": "; ".join(note) + "; predictor skipped"}, None
-    e0 = e0_of(prototypes, z)
+    e0 = schema.e0_per_atom(prototypes.e0s, prototypes.head, z)
     elements = sorted(set(int(v) for v in z))
     composition = composition_matrix(config_index, z, elements, n_configs)[usable]
     reference = np.array([e if e is not None else np.nan for e in references])[usable]
@@ -574,15 +573,6 @@ def predictor_results(prototypes, target: dict, eps_star: np.ndarray,
         results[name] = stats
         beyond[name] = beyond_composition(predicted, composition)
     return results, beyond
-
-
-def e0_of(prototypes, atomic_number: np.ndarray) -> np.ndarray:
-    """E0 (eV) of the prototypes' head for each atomic number."""
-    table = {int(k): float(v) for k, v in prototypes.e0s[prototypes.head].items()}
-    missing = sorted(set(int(v) for v in atomic_number) - set(table))
-    if missing:
-        raise ProtoalignError(f"the prototypes have no E0 for atomic number(s) {missing}")
-    return np.array([table[int(v)] for v in atomic_number])
 
 
 def finetuned_results(prototypes, z: np.ndarray, prototype_id: np.ndarray, eps: np.ndarray, eps_star: np.ndarray) -> dict:
@@ -676,43 +666,6 @@ def verdict_lines(results: dict) -> tuple[list[str], bool]:
 # ----------------------------------------------------------------------------------------------
 # Output: folder, figures, report
 # ----------------------------------------------------------------------------------------------
-
-class atomic_directory:
-    """Context manager yielding a temporary folder that replaces ``path`` only when the block succeeds.
-
-    Nothing is left behind on failure; an existing ``path`` (allowed with ``overwrite``) is
-    replaced by the complete new folder.
-    """
-
-    def __init__(self, path: Path, overwrite: bool):
-        self.path = Path(path)
-        self.overwrite = overwrite
-        self.tmp = partial_path(self.path)
-        self.old = self.path.with_name(f".{self.path.name}.old")
-
-    def __enter__(self) -> Path:
-        check_writable(self.path, self.overwrite)
-        for leftover in (self.tmp, self.old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.path.exists():
-            os.replace(self.path, self.old)
-            os.replace(self.tmp, self.path)
-            if self.old.is_dir():
-                shutil.rmtree(self.old)
-            else:
-                self.old.unlink()
-        else:
-            os.replace(self.tmp, self.path)
-        return False
-
 
 def _figure(n_panels: int, panel_inches: float = 3.2):
     from matplotlib.figure import Figure

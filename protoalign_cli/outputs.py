@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -45,6 +46,33 @@ def atomic_output(path: Path, overwrite: bool, keep_on_interrupt: bool = False) 
         _remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder that replaces the folder ``path`` only when the block succeeds.
+
+    On an exception the temporary folder is deleted; an existing ``path`` (allowed with
+    ``overwrite``) is swapped out for the complete new folder and then removed.
+    """
+    path = Path(path)
+    check_writable(path, overwrite)
+    tmp, old = partial_path(path), path.with_name(f".{path.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        _remove(old)
 
 
 def _remove(path: Path) -> None:

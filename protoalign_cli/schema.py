@@ -37,6 +37,15 @@ CHUNK_ROWS = 4096
 JSON_ATTRS = ("e0s", "heads", "layout", "source_files", "atomic_inter_scale", "atomic_inter_shift")
 
 
+def e0_per_atom(e0s: dict, head: str, atomic_numbers: np.ndarray) -> np.ndarray:
+    """E0 (eV) of ``head`` for each atomic number, from a stored {head: {Z: E0}} table."""
+    table = {int(z): float(e) for z, e in e0s[head].items()}
+    missing = sorted(set(int(z) for z in atomic_numbers) - set(table))
+    if missing:
+        raise ProtoalignError(f"no E0 stored for atomic number(s) {missing}")
+    return np.array([table[int(z)] for z in atomic_numbers], dtype=np.float64)
+
+
 @dataclasses.dataclass
 class LatentHeader:
     """File-level attributes of a latent file (energies in eV, r_max in Å)."""
@@ -88,8 +97,7 @@ class LatentHeader:
 
     def e0_of(self, atomic_numbers: np.ndarray) -> np.ndarray:
         """E0 (eV) of the chosen head for each atomic number."""
-        table = {int(z): e for z, e in self.e0s[self.head].items()}
-        return np.array([table[int(z)] for z in atomic_numbers], dtype=np.float64)
+        return e0_per_atom(self.e0s, self.head, atomic_numbers)
 
     def head_shift(self) -> float:
         """Shift (eV) of the chosen head: node_energy = E0 + sum(energy columns) + shift."""
@@ -171,20 +179,29 @@ class Latents:
         return len(self.atomic_number)
 
 
-def open_latents(path: Path):
-    """Open a complete latent file for reading (h5py.File), or raise a one-line ProtoalignError."""
+def open_protoalign_file(path: Path, kind: str, label: str):
+    """Open an HDF5 file of the given protoalign ``kind`` for reading, or raise a one-line ProtoalignError.
+
+    ``label`` names the file in messages ('latent', 'prototype').
+    """
     import h5py
 
     path = Path(path)
     if not path.is_file():
-        raise ProtoalignError(f"latent file {path} does not exist")
+        raise ProtoalignError(f"{label} file {path} does not exist")
     try:
         handle = h5py.File(path, "r")
     except Exception as exc:
-        raise ProtoalignError(f"cannot open latent file {path}: {exc}") from exc
-    if handle.attrs.get("kind") != LATENTS_KIND:
+        raise ProtoalignError(f"cannot open {label} file {path}: {exc}") from exc
+    if handle.attrs.get("kind") != kind:
         handle.close()
-        raise ProtoalignError(f"{path} is not a protoalign latent file")
+        raise ProtoalignError(f"{path} is not a protoalign {label} file")
+    return handle
+
+
+def open_latents(path: Path):
+    """Open a complete latent file for reading (h5py.File), or raise a one-line ProtoalignError."""
+    handle = open_protoalign_file(path, LATENTS_KIND, "latent")
     if not bool(handle.attrs.get("complete", False)):
         handle.close()
         raise ProtoalignError(f"{path} is incomplete (an interrupted extract?)")
@@ -307,18 +324,9 @@ def write_prototypes(path: Path, prototypes: Prototypes) -> None:
 def read_prototypes(path: Path) -> Prototypes:
     """Read a prototype file (FAISS indexes deserialized), or raise a one-line ProtoalignError."""
     import faiss
-    import h5py
 
     path = Path(path)
-    if not path.is_file():
-        raise ProtoalignError(f"prototype file {path} does not exist")
-    try:
-        handle = h5py.File(path, "r")
-    except Exception as exc:
-        raise ProtoalignError(f"cannot open prototype file {path}: {exc}") from exc
-    with handle:
-        if handle.attrs.get("kind") != PROTOTYPES_KIND:
-            raise ProtoalignError(f"{path} is not a protoalign prototype file")
+    with open_protoalign_file(path, PROTOTYPES_KIND, "prototype") as handle:
         version = int(handle.attrs.get("schema_version", -1))
         if version != PROTOTYPES_SCHEMA_VERSION:
             raise ProtoalignError(f"{path} has prototype schema version {version}; this protoalign reads {PROTOTYPES_SCHEMA_VERSION}")

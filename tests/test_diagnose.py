@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from protoalign_cli import diagnose as dg
-from protoalign_cli.errors import ProtoalignError
 
 
 def test_distance_ratio_divides_by_the_assigned_radius():
@@ -191,23 +190,3 @@ def test_verdict(changes, safe, reason):
         assert reason in lines[-1]
     assert lines[0].startswith("H: coverage 1.000 (10/10 atoms within 1.5 x radius); pretrained eps - eps*: bias")
     assert ("fine-tuned eps - eps*" in lines[0]) is ("finetuned" in changes)
-
-
-def test_atomic_directory_replaces_only_on_success(tmp_path):
-    out = tmp_path / "report"
-    with dg.atomic_directory(out, overwrite=False) as folder:
-        (folder / "a.txt").write_text("first")
-    assert (out / "a.txt").read_text() == "first"
-    with pytest.raises(ProtoalignError, match="exists; pass --overwrite"):
-        with dg.atomic_directory(out, overwrite=False):
-            pass
-    with pytest.raises(RuntimeError):
-        with dg.atomic_directory(out, overwrite=True) as folder:
-            (folder / "b.txt").write_text("second")
-            raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
-    with dg.atomic_directory(out, overwrite=True) as folder:
-        (folder / "b.txt").write_text("second")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
