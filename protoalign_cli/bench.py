@@ -48,7 +48,8 @@ DONE = "done.json"
 CSV_COLUMNS = ("method", "setting", "n_train", "seed", "energy_mae_mev", "energy_rmse_mev",
                "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "force_mae_mev_per_a",
                "force_rmse_mev_per_a", "valid_energy_mae_mev", "valid_force_mae_mev_per_a",
-               "wall_time_s", "device")
+               "wall_time_s", "device", "energy_mean_error_mev", "energy_mae_valid_shifted_mev")
+SHIFTED_METRICS = ("energy_mean_error_mev", "energy_mae_valid_shifted_mev")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -58,7 +59,9 @@ class MethodSpec:
     """One method entry of a bench config.
 
     ``kind`` is one of METHODS; ``args`` are extra mace_run_train arguments; for ``align``,
-    ``align_weight`` (λ) and ``align_args`` (other ``protoalign finetune`` options); for
+    ``align_weight`` (λ), ``align_args`` (other ``protoalign finetune`` options) and
+    ``prototypes_args`` (this method's own ``protoalign prototypes`` options, e.g. K or the
+    feature set, applied to the shared source latents instead of source.prototypes_args); for
     ``freeze`` the number of frozen layers; for ``select``, the candidate method names and the
     scope of the choice ('run': per (N, seed); 'budget': per N, by mean validation MAE over seeds).
     """
@@ -68,6 +71,7 @@ class MethodSpec:
     args: tuple[str, ...] = ()
     align_weight: float | None = None
     align_args: tuple[str, ...] = ()
+    prototypes_args: tuple[str, ...] | None = None
     freeze: int | None = None
     candidates: tuple[str, ...] = ()
     scope: str = "run"
@@ -78,7 +82,8 @@ class MethodSpec:
     def setting(self) -> str:
         """A short description of this method's own settings (for runs.csv)."""
         if self.kind == "align":
-            return " ".join([f"λ={self.align_weight:g}", *self.align_args, *self.args]).strip()
+            return " ".join([f"λ={self.align_weight:g}", *self.align_args, *(self.prototypes_args or ()),
+                             *self.args]).strip()
         if self.kind == "freeze":
             return " ".join([f"freeze={self.freeze}", *self.args])
         if self.kind == "select":
@@ -175,7 +180,7 @@ def parse_method(entry: dict, index: int) -> MethodSpec:
     kind = entry["method"]
     if kind not in METHODS:
         raise ProtoalignError(f"methods[{index}]: unknown method {kind!r}; choose from {', '.join(METHODS)}")
-    known = {"name", "method", "args", "align_weight", "align_args", "freeze", "from", "scope", "budgets", "seeds"}
+    known = {"name", "method", "args", "align_weight", "align_args", "prototypes_args", "freeze", "from", "scope", "budgets", "seeds"}
     unknown = set(entry) - known
     if unknown:
         raise ProtoalignError(f"methods[{index}]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -195,6 +200,8 @@ def parse_method(entry: dict, index: int) -> MethodSpec:
         except (KeyError, TypeError, ValueError):
             raise ProtoalignError(f"methods[{index}] ({name}): align needs a numeric align_weight") from None
         spec["align_args"] = _as_args(entry.get("align_args"), f"methods[{index}].align_args")
+        if "prototypes_args" in entry:
+            spec["prototypes_args"] = _as_args(entry["prototypes_args"], f"methods[{index}].prototypes_args")
     if kind == "freeze":
         if not isinstance(entry.get("freeze"), int):
             raise ProtoalignError(f"methods[{index}] ({name}): freeze needs an integer 'freeze' (layers to freeze)")
@@ -296,6 +303,10 @@ def _check_files(config: BenchConfig) -> None:
             raise ProtoalignError(f"{config.path.name}: file {file} does not exist")
     if "align" in kinds and config.source_prototypes is None and not config.source_structures:
         raise ProtoalignError(f"{config.path.name}: align needs source.prototypes or source.structures")
+    own = [m.name for m in config.methods if m.prototypes_args is not None]
+    if own and not config.source_structures:
+        raise ProtoalignError(f"{config.path.name}: {', '.join(own)} set prototypes_args, which needs source.structures "
+                              "(their latents are clustered again)")
     if "multihead" in kinds and not config.source_structures:
         raise ProtoalignError(f"{config.path.name}: multihead needs source.structures (replayed with foundation-model labels)")
 
@@ -328,6 +339,16 @@ def error_metrics(pred_energy: np.ndarray, ref_energy: np.ndarray, n_atoms: np.n
         "force_mae_mev_per_a": float(np.mean(np.abs(force_error))),
         "force_rmse_mev_per_a": float(np.sqrt(np.mean(force_error ** 2))),
     }
+
+
+def valid_shifted_energy_mae(test_energy_error: np.ndarray, valid_energy_error: np.ndarray) -> float:
+    """Test energy MAE after removing the model's mean validation error (meV in, meV out).
+
+    A constant energy offset is the part of the error a fine-tuned model learns slowest when all
+    training data share one composition; shifting by the validation mean (never the test set's)
+    shows the error without it.
+    """
+    return float(np.mean(np.abs(np.asarray(test_energy_error) - np.mean(valid_energy_error))))
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -495,15 +516,31 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "protoalign_cli", *args]
 
 
+def prototypes_product(method: MethodSpec) -> str:
+    """The key in the source products of the prototype file an align method uses."""
+    if method.prototypes_args is None:
+        return "prototypes"
+    return "prototypes-" + hashlib.sha256(json.dumps(method.prototypes_args).encode()).hexdigest()[:12]
+
+
 def source_products(config: BenchConfig, layout: BenchLayout) -> dict[str, Path]:
-    """Paths of the source products the methods need (prototypes, pseudolabelled structures)."""
+    """Paths of the source products the methods need (prototype files, pseudolabelled structures)."""
     products = {}
-    kinds = {m.kind for m in config.methods}
-    if "align" in kinds:
-        products["prototypes"] = config.source_prototypes or layout.source_dir / "prototypes.h5"
-    if "multihead" in kinds:
-        products["pseudolabels"] = layout.source_dir / "pseudolabels.xyz"
+    for method in config.methods:
+        if method.kind == "align":
+            key = prototypes_product(method)
+            products[key] = (config.source_prototypes if key == "prototypes" and config.source_prototypes
+                             else layout.source_dir / f"{key}.h5")
+        if method.kind == "multihead":
+            products["pseudolabels"] = layout.source_dir / "pseudolabels.xyz"
     return products
+
+
+def _prototypes_args_of(config: BenchConfig, key: str) -> tuple[str, ...]:
+    """The ``protoalign prototypes`` options that build the prototype product ``key``."""
+    if key == "prototypes":
+        return config.source_prototypes_args
+    return next(m.prototypes_args for m in config.methods if m.kind == "align" and prototypes_product(m) == key)
 
 
 def prepare_source(config: BenchConfig, layout: BenchLayout, say=print) -> dict[str, Path]:
@@ -515,16 +552,17 @@ def prepare_source(config: BenchConfig, layout: BenchLayout, say=print) -> dict[
     structures = layout.source_dir / "structures.xyz"
     if config.source_structures and not structures.is_file():
         _write_source_structures(config, structures)
-    if "prototypes" in products and not products["prototypes"].is_file():
+    for key in [k for k, path in products.items() if k.startswith("prototypes") and not path.is_file()]:
         latents = layout.source_dir / "latents.h5"
         if not latents.is_file():
             say(f"source: extracting latents of {config.foundation_model.name} over {structures}")
             _run_logged(cli_command("extract", "--model", str(config.foundation_model), "--configs", str(structures),
                                     "--out", str(latents), "--device", config.device, *config.source_extract_args),
                         layout.source_dir / "extract.log")
-        say("source: building prototypes")
-        _run_logged(cli_command("prototypes", str(latents), "--out", str(products["prototypes"]),
-                                *config.source_prototypes_args), layout.source_dir / "prototypes.log")
+        args = _prototypes_args_of(config, key)
+        say(f"source: building {key} ({' '.join(args) or 'defaults'})")
+        _run_logged(cli_command("prototypes", str(latents), "--out", str(products[key]), *args),
+                    layout.source_dir / f"{key}.log")
     if "pseudolabels" in products and not products["pseudolabels"].is_file():
         say(f"source: labelling {structures} with {config.foundation_model.name} (multihead replay)")
         _write_pseudolabels(config, structures, products["pseudolabels"])
@@ -603,7 +641,7 @@ def training_command(config: BenchConfig, layout: BenchLayout, run: Run, product
         mace += ["--freeze", str(method.freeze)]
     mace += list(method.args)
     if method.kind == "align":
-        return cli_command("finetune", "--prototypes", str(products["prototypes"]),
+        return cli_command("finetune", "--prototypes", str(products[prototypes_product(method)]),
                            "--align-weight", f"{method.align_weight:g}", *method.align_args, "--", *mace)
     return [_executable("mace_run_train"), *mace]
 
@@ -619,7 +657,7 @@ def run_fingerprint(config: BenchConfig, layout: BenchLayout, run: Run, products
     Files (split files, foundation model, source products) enter by content, not by path, so an
     identical run of another bench folder (``reuse_runs_from``) has the same fingerprint.
     """
-    used = _products_used(config.method(run.method).kind)
+    used = _products_used(config.method(run.method))
     files = {"train": layout.train_file(run.n_train, run.seed), "valid": layout.valid_file, "test": layout.test_file,
              "foundation_model": config.foundation_model, **{k: v for k, v in products.items() if k in used}}
     placeholders = {str(path): f"<{name}>" for name, path in files.items()}
@@ -630,8 +668,8 @@ def run_fingerprint(config: BenchConfig, layout: BenchLayout, run: Run, products
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _products_used(kind: str) -> tuple[str, ...]:
-    return {"align": ("prototypes",), "multihead": ("pseudolabels",)}.get(kind, ())
+def _products_used(method: MethodSpec) -> tuple[str, ...]:
+    return {"align": (prototypes_product(method),), "multihead": ("pseudolabels",)}.get(method.kind, ())
 
 
 def read_done(path: Path) -> dict | None:
@@ -643,7 +681,8 @@ def read_done(path: Path) -> dict | None:
 
 
 def evaluate_model(model_path: Path, atoms_list: Sequence, energy_key: str, forces_key: str, device: str = "cpu") -> dict:
-    """Errors of a MACE model (float64) on labelled structures: see ``error_metrics``."""
+    """Errors of a MACE model (float64) on labelled structures: see ``error_metrics``; plus the
+    per-configuration energy errors (meV, ``energy_errors_mev``) and their mean (``energy_mean_error_mev``)."""
     calculator = _calculator(model_path, device)
     energies, ref_energies, n_atoms, forces, ref_forces = [], [], [], [], []
     for atoms in atoms_list:
@@ -654,8 +693,37 @@ def evaluate_model(model_path: Path, atoms_list: Sequence, energy_key: str, forc
         energies.append(atoms.get_potential_energy())
         forces.append(atoms.get_forces())
         n_atoms.append(len(atoms))
-    return error_metrics(np.array(energies), np.array(ref_energies), np.array(n_atoms),
-                         np.concatenate(forces), np.concatenate(ref_forces))
+    errors = 1000.0 * (np.array(energies) - np.array(ref_energies))
+    return {**error_metrics(np.array(energies), np.array(ref_energies), np.array(n_atoms),
+                            np.concatenate(forces), np.concatenate(ref_forces)),
+            "energy_mean_error_mev": float(np.mean(errors)), "energy_errors_mev": errors.tolist()}
+
+
+def shifted_metrics(test: dict, valid: dict) -> dict:
+    """The offset metrics of a run from its test and validation evaluations (``evaluate_model``)."""
+    return {"energy_mean_error_mev": test["energy_mean_error_mev"],
+            "energy_mae_valid_shifted_mev": valid_shifted_energy_mae(test["energy_errors_mev"], valid["energy_errors_mev"])}
+
+
+def complete_metrics(config: BenchConfig, layout: BenchLayout, run: Run, say=print) -> None:
+    """Add metrics newer than a finished run's done.json by evaluating its model again (training is never redone)."""
+    import ase.io
+
+    path = layout.run_dir(run) / DONE
+    done = read_done(path)
+    if done is None or all(key in done for key in SHIFTED_METRICS):
+        return
+    origin = Path(done["reused_from"]) / "runs" / run.method / run.key if "reused_from" in done else layout.run_dir(run)
+    model_path = origin / f"{MODEL_NAME}.model"
+    if not model_path.is_file():
+        say(f"{run.label}: {model_path} is gone; its newer metrics stay empty")
+        return
+    say(f"{run.label}: evaluating again for the validation-shifted energy MAE")
+    test = evaluate_model(model_path, ase.io.read(layout.test_file, ":"), config.energy_key, config.forces_key, config.device)
+    valid = evaluate_model(model_path, ase.io.read(layout.valid_file, ":"), config.energy_key, config.forces_key, config.device)
+    done.update(shifted_metrics(test, valid))
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(done, indent=2) + "\n")
 
 
 def _calculator(model_path: Path, device: str):
@@ -727,7 +795,8 @@ def _train_and_evaluate(config: BenchConfig, layout: BenchLayout, run: Run, prod
     method = config.method(run.method)
     result = {
         "method": run.method, "kind": method.kind, "setting": method.setting, "n_train": run.n_train, "seed": run.seed,
-        **test, "valid_energy_mae_mev": valid["energy_mae_mev"], "valid_force_mae_mev_per_a": valid["force_mae_mev_per_a"],
+        **{k: v for k, v in test.items() if k != "energy_errors_mev"}, **shifted_metrics(test, valid),
+        "valid_energy_mae_mev": valid["energy_mae_mev"], "valid_force_mae_mev_per_a": valid["force_mae_mev_per_a"],
         "wall_time_s": round(wall, 1), "eval_time_s": round(time.perf_counter() - start, 1),
         "device": device_name(config.device), "evaluated_model": f"{MODEL_NAME}.model (lowest validation loss)",
         "fingerprint": fingerprint, "command": command,
@@ -845,6 +914,7 @@ def run_grid(config: BenchConfig, out: Path, jobs: int = 1, say=print, only: Seq
         holder = lock_holder(layout.lock(run))
         if done is not None:
             check_fingerprint(done, fingerprint, layout.run_dir(run))
+            complete_metrics(config, layout, run, say)
             n_done += 1
         elif holder is not None:
             say(f"[{run.index + 1}/{len(runs)}] {run.label}: being run by {holder}, skipped")
@@ -964,10 +1034,12 @@ def aggregate(rows: Sequence[dict], method: str, n_train: int, baseline: str | N
     mine = {r["seed"]: r for r in rows if r["method"] == method and r["n_train"] == n_train}
     base = {r["seed"]: r for r in rows if r["method"] == baseline and r["n_train"] == n_train}
     result = {"n_seeds": len(mine)}
-    for column in ("energy_mae_mev", "energy_mae_mev_per_atom", "force_mae_mev_per_a", "valid_energy_mae_mev", "wall_time_s"):
-        result[column] = mean_sd([r[column] for r in mine.values()])
-    for column in ("energy_mae_mev", "force_mae_mev_per_a"):
-        diffs = paired_percent_differences({s: r[column] for s, r in mine.items()}, {s: r[column] for s, r in base.items()})
+    for column in ("energy_mae_mev", "energy_mae_mev_per_atom", "force_mae_mev_per_a", "valid_energy_mae_mev", "wall_time_s",
+                   "energy_mae_valid_shifted_mev"):
+        result[column] = mean_sd([r[column] for r in mine.values() if column in r])
+    for column in ("energy_mae_mev", "force_mae_mev_per_a", "energy_mae_valid_shifted_mev"):
+        diffs = paired_percent_differences({s: r[column] for s, r in mine.items() if column in r},
+                                           {s: r[column] for s, r in base.items() if column in r})
         result[f"delta_{column}"] = mean_sd(diffs) + (len(diffs),)
     return result
 
@@ -993,11 +1065,13 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
         f"Shared mace_run_train arguments: `{' '.join(config.mace_args)}`.",
         "Each run's model is the one mace writes (lowest validation loss; EMA weights with --ema), evaluated in "
         "float64 with MACECalculator on the test set. Errors: mean ± sd over seeds (no sd for one seed); Δ: paired per-seed "
-        f"difference to `{config.baseline}` in %, mean ± sd (negative = better).",
+        f"difference to `{config.baseline}` in %, mean ± sd (negative = better). E MAE shifted: the test energy MAE after "
+        "subtracting the model's mean validation error, i.e. without a constant offset (chosen without the test set).",
         *(["", config.notes] if config.notes else []),
         "",
-        "| method | setting | N | seeds | E MAE (meV) | E MAE (meV/atom) | F MAE (meV/Å) | ΔE vs baseline (%) | ΔF vs baseline (%) | valid E MAE (meV) | train time (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | setting | N | seeds | E MAE (meV) | E MAE (meV/atom) | F MAE (meV/Å) | ΔE vs baseline (%) | ΔF vs baseline (%) "
+        "| E MAE shifted (meV) | ΔE shifted (%) | valid E MAE (meV) | train time (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method in config.methods:
         for n in sorted({r["n_train"] for r in rows if r["method"] == method.name}):
@@ -1009,6 +1083,8 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
                 f"{_pm(stats['energy_mae_mev_per_atom'], 2)} | {_pm(stats['force_mae_mev_per_a'])} | "
                 f"{'–' if is_base else _pm(stats['delta_energy_mae_mev'], sign=True)} | "
                 f"{'–' if is_base else _pm(stats['delta_force_mae_mev_per_a'], sign=True)} | "
+                f"{_pm(stats['energy_mae_valid_shifted_mev'])} | "
+                f"{'–' if is_base else _pm(stats['delta_energy_mae_valid_shifted_mev'], sign=True)} | "
                 f"{_pm(stats['valid_energy_mae_mev'], 2)} | {stats['wall_time_s'][0]:.0f} |"
             )
     for method in config.methods:
@@ -1028,7 +1104,8 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
 
 
 def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path) -> None:
-    """Energy and force test MAE vs N (log-log), mean ± sd over seeds, one line per method (PNG).
+    """Test energy MAE, energy MAE without the validation offset, and force MAE vs N (log-log), mean ± sd
+    over seeds, one line per method (PNG).
 
     Methods are drawn with distinct markers and a small horizontal offset so identical curves stay visible.
     """
@@ -1038,17 +1115,21 @@ def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    columns = {"energy_mae_mev": "test energy MAE (meV)",
+               "energy_mae_valid_shifted_mev": "test energy MAE, validation offset removed (meV)",
+               "force_mae_mev_per_a": "test force MAE (meV/Å)"}
+    figure, axes = plt.subplots(1, len(columns), figsize=(15, 4))
     drawn = [m for m in methods if any(r["method"] == m for r in rows)]
     for position, method in enumerate(drawn):
         budgets = sorted({r["n_train"] for r in rows if r["method"] == method})
         offset = 1.0 + 0.015 * (position - (len(drawn) - 1) / 2)
-        for axis, column in zip(axes, ("energy_mae_mev", "force_mae_mev_per_a")):
-            stats = [mean_sd([r[column] for r in rows if r["method"] == method and r["n_train"] == n]) for n in budgets]
+        for axis, column in zip(axes, columns):
+            stats = [mean_sd([r[column] for r in rows if r["method"] == method and r["n_train"] == n and column in r])
+                     for n in budgets]
             axis.errorbar([n * offset for n in budgets], [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats],
                           marker="osD^vP*X"[position % 8], linestyle=("-", "--", ":", "-.")[position % 4], capsize=3,
                           label=method)
-    for axis, label in zip(axes, ("test energy MAE (meV)", "test force MAE (meV/Å)")):
+    for axis, label in zip(axes, columns.values()):
         axis.set_xscale("log")
         axis.set_yscale("log")
         for scale in (axis.xaxis, axis.yaxis):
