@@ -121,6 +121,7 @@ class BenchConfig:
     source_prototypes: Path | None = None
     source_structures: tuple[Path, ...] = ()
     source_configs_per_file: int | None = None
+    source_frames: tuple[int, int] | None = None
     source_extract_args: tuple[str, ...] = ()
     source_prototypes_args: tuple[str, ...] = ()
     reuse_runs_from: tuple[Path, ...] = ()
@@ -152,10 +153,10 @@ def _format_value(item) -> str:
     return f"{item:g}" if isinstance(item, float) else str(item)
 
 
-def _range(value, where: str) -> tuple[int, int]:
+def _range(value, where: str, section: str = "split") -> tuple[int, int]:
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
             and 0 <= value[0] < value[1]):
-        raise ProtoalignError(f"split.{where} must be [start, stop) frame numbers with 0 <= start < stop, got {value!r}")
+        raise ProtoalignError(f"{section}.{where} must be [start, stop) frame numbers with 0 <= start < stop, got {value!r}")
     return int(value[0]), int(value[1])
 
 
@@ -283,6 +284,7 @@ def load_config(path: Path, check_files: bool = True) -> BenchConfig:
         source_prototypes=_paths(source["prototypes"], base, "source.prototypes")[0] if source.get("prototypes") else None,
         source_structures=_paths(source["structures"], base, "source.structures") if source.get("structures") else (),
         source_configs_per_file=source.get("configs_per_file"),
+        source_frames=_range(source["frames"], "frames", "source") if "frames" in source else None,
         source_extract_args=_as_args(source.get("extract_args"), "source.extract_args"),
         source_prototypes_args=_as_args(source.get("prototypes_args"), "source.prototypes_args"),
         reuse_runs_from=_paths(raw["reuse_runs_from"], base, "reuse_runs_from") if raw.get("reuse_runs_from") else (),
@@ -570,7 +572,8 @@ def prepare_source(config: BenchConfig, layout: BenchLayout, say=print) -> dict[
 
 
 def _write_source_structures(config: BenchConfig, path: Path) -> None:
-    """Concatenate the source files, ``configs_per_file`` evenly spaced frames of each (all when unset)."""
+    """Concatenate the source files: of each, the frames in ``source.frames`` [start, stop) (all when unset),
+    of those ``configs_per_file`` evenly spaced ones (all when unset)."""
     import ase.io
 
     from protoalign_cli.structures import iter_structures
@@ -578,6 +581,11 @@ def _write_source_structures(config: BenchConfig, path: Path) -> None:
     chosen = []
     for source in config.source_structures:
         frames = list(iter_structures(source))
+        if config.source_frames is not None:
+            start, stop = config.source_frames
+            if len(frames) < stop:
+                raise ProtoalignError(f"{source} has {len(frames)} frames; source.frames needs {stop}")
+            frames = frames[start:stop]
         if config.source_configs_per_file:
             picks = np.unique(np.linspace(0, len(frames) - 1, min(config.source_configs_per_file, len(frames))).round().astype(int))
             frames = [frames[i] for i in picks]

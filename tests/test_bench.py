@@ -194,6 +194,27 @@ def test_align_methods_with_own_prototype_settings_get_their_own_file(tmp_path, 
         bench.load_config(tmp_path / "bench.yaml")
 
 
+def test_source_frames_restrict_the_source_structures(tmp_path, tiny_model, molecules_xyz):
+    import ase.io
+
+    text = write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN).read_text()
+    (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [2, 10]\n  configs_per_file: 4\n  prototypes_args:"))
+    config = bench.load_config(tmp_path / "bench.yaml")
+    layout = bench.BenchLayout(tmp_path / "out")
+    bench.prepare_source(config, layout, say=lambda message: None)
+    chosen = ase.io.read(layout.source_dir / "structures.xyz", ":")
+    frames = ase.io.read(molecules_xyz, ":")
+    expected = [frames[i] for i in (2, 4, 7, 9)]  # 4 evenly spaced of frames 2..9
+    assert [a.positions.tolist() for a in chosen] == [a.positions.tolist() for a in expected]
+    (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [5, 2]\n  prototypes_args:"))
+    with pytest.raises(ProtoalignError, match=r"source.frames must be \[start, stop\)"):
+        bench.load_config(tmp_path / "bench.yaml")
+    (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [0, 999]\n  prototypes_args:"))
+    with pytest.raises(ProtoalignError, match="source.frames needs 999"):
+        bench.prepare_source(bench.load_config(tmp_path / "bench.yaml"), bench.BenchLayout(tmp_path / "out2"), say=print)
+    assert not (tmp_path / "out2" / "source" / "structures.xyz").exists()
+
+
 def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, molecules_xyz):
     config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN))
     rows = [{**row("naive", 6, s, 10.0, e), "energy_mae_mev_per_atom": e / 5, "force_mae_mev_per_a": 40.0,
