@@ -622,7 +622,8 @@ def verdict_lines(results: dict) -> tuple[list[str], bool]:
     SAFE_SCATTER_RATIO times as much as the source members do, and their mean shift (bias) is
     within SAFE_SCATTER_RATIO times the members' spread; with a fine-tuned model, its scatter
     ratio too (its bias is reported, not judged: re-estimated E0s shift it per element). The
-    prototype predictor is reported, not judged (see docs/diagnose.md).
+    prototype predictor does not decide SAFE/RISKY (see docs/diagnose.md); when it does no better
+    than composition alone, the overall line adds that no gain in energy error is to be expected.
     """
     coverage = results["coverage"]
     pretrained = (results["atom_energies"]["pretrained"] or {}).get("by_element", {})
@@ -660,6 +661,9 @@ def verdict_lines(results: dict) -> tuple[list[str], bool]:
         overall += f"; predictor not measured ({predictor['note']})"
     safe = not reasons
     overall += "; alignment looks SAFE" if safe else "; alignment looks RISKY: " + "; ".join(reasons)
+    if predictor["available"] and predictor["prototype"]["mae_meV"] >= predictor["composition_only"]["mae_meV"]:
+        overall += ("; the prototype energies predict the target energies no better than composition alone: "
+                    "expect no gain in energy error from alignment")
     return lines + [overall], safe
 
 

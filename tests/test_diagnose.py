@@ -153,7 +153,7 @@ def _agreement(scatter_ratio=1.0, bias_ratio=0.0):
             "bias_ratio": bias_ratio}
 
 
-def _results(coverage=0.95, has_n=True, predictor=True, pretrained=None, finetuned=None):
+def _results(coverage=0.95, has_n=True, predictor=True, pretrained=None, finetuned=None, prototype_mae=30.0):
     by_element = {"H": {"n_atoms": 10, "n_covered": 10, "coverage": 1.0, "has_prototypes": True}}
     if not has_n:
         by_element["N"] = {"n_atoms": 2, "n_covered": 0, "coverage": 0.0, "has_prototypes": False}
@@ -161,7 +161,7 @@ def _results(coverage=0.95, has_n=True, predictor=True, pretrained=None, finetun
     return {
         "n_atoms": 12,
         "coverage": {"radius_factor": 1.5, "overall": coverage, "n_covered": 11, "by_element": by_element},
-        "energy_predictor": ({"available": True, "prototype": stats(30.0), "composition_only": stats(20.0)}
+        "energy_predictor": ({"available": True, "prototype": stats(prototype_mae), "composition_only": stats(20.0)}
                              if predictor else {"available": False, "note": "no reference energies"}),
         "atom_energies": {
             "pretrained": {"by_element": {"H": _agreement(**(pretrained or {}))}},
@@ -190,3 +190,15 @@ def test_verdict(changes, safe, reason):
         assert reason in lines[-1]
     assert lines[0].startswith("H: coverage 1.000 (10/10 atoms within 1.5 x radius); pretrained eps - eps*: bias")
     assert ("fine-tuned eps - eps*" in lines[0]) is ("finetuned" in changes)
+
+
+@pytest.mark.parametrize("changes, expect_no_gain", [
+    ({}, True),                       # prototype predictor 30 meV vs composition-only 20 meV
+    ({"prototype_mae": 20.0}, True),  # a tie is no better
+    ({"prototype_mae": 19.0}, False),
+    ({"predictor": False}, False),    # not measured: nothing said
+    ({"prototype_mae": 19.0, "coverage": 0.5}, False),
+])
+def test_verdict_says_when_prototype_energies_cannot_help(changes, expect_no_gain):
+    lines, _ = dg.verdict_lines(_results(**changes))
+    assert ("expect no gain in energy error from alignment" in lines[-1]) is expect_no_gain
