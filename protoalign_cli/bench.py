@@ -48,8 +48,11 @@ DONE = "done.json"
 CSV_COLUMNS = ("method", "setting", "n_train", "seed", "energy_mae_mev", "energy_rmse_mev",
                "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "force_mae_mev_per_a",
                "force_rmse_mev_per_a", "valid_energy_mae_mev", "valid_force_mae_mev_per_a",
-               "wall_time_s", "device", "energy_mean_error_mev", "energy_mae_valid_shifted_mev")
-SHIFTED_METRICS = ("energy_mean_error_mev", "energy_mae_valid_shifted_mev")
+               "wall_time_s", "device", "energy_mean_error_mev", "energy_mae_valid_shifted_mev",
+               "valid_energy_mae_shifted_mev")
+SHIFTED_METRICS = ("energy_mean_error_mev", "energy_mae_valid_shifted_mev", "valid_energy_mae_shifted_mev")
+SELECTION_CRITERIA = {"valid_energy_mae_mev": "validation energy MAE",
+                      "valid_energy_mae_shifted_mev": "validation energy MAE without its mean (constant offset)"}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -63,7 +66,8 @@ class MethodSpec:
     ``prototypes_args`` (this method's own ``protoalign prototypes`` options, e.g. K or the
     feature set, applied to the shared source latents instead of source.prototypes_args); for
     ``freeze`` the number of frozen layers; for ``select``, the candidate method names and the
-    scope of the choice ('run': per (N, seed); 'budget': per N, by mean validation MAE over seeds).
+    scope of the choice ('run': per (N, seed); 'budget': per N, by the mean over seeds) and the
+    criterion ``select_by`` (a key of SELECTION_CRITERIA).
     """
 
     name: str
@@ -75,6 +79,7 @@ class MethodSpec:
     freeze: int | None = None
     candidates: tuple[str, ...] = ()
     scope: str = "run"
+    select_by: str = "valid_energy_mae_mev"
     budgets: tuple[int, ...] | None = None
     seeds: tuple[int, ...] | None = None
 
@@ -87,7 +92,7 @@ class MethodSpec:
         if self.kind == "freeze":
             return " ".join([f"freeze={self.freeze}", *self.args])
         if self.kind == "select":
-            return f"lowest validation energy MAE per {'(N, seed)' if self.scope == 'run' else 'N'}"
+            return f"lowest {SELECTION_CRITERIA[self.select_by]} per {'(N, seed)' if self.scope == 'run' else 'N'}"
         return " ".join(self.args)
 
 
@@ -181,7 +186,7 @@ def parse_method(entry: dict, index: int) -> MethodSpec:
     kind = entry["method"]
     if kind not in METHODS:
         raise ProtoalignError(f"methods[{index}]: unknown method {kind!r}; choose from {', '.join(METHODS)}")
-    known = {"name", "method", "args", "align_weight", "align_args", "prototypes_args", "freeze", "from", "scope", "budgets", "seeds"}
+    known = {"name", "method", "args", "align_weight", "align_args", "prototypes_args", "freeze", "from", "scope", "by", "budgets", "seeds"}
     unknown = set(entry) - known
     if unknown:
         raise ProtoalignError(f"methods[{index}]: unknown key(s) {', '.join(sorted(unknown))}")
@@ -214,7 +219,10 @@ def parse_method(entry: dict, index: int) -> MethodSpec:
         scope = entry.get("scope", "run")
         if scope not in ("run", "budget"):
             raise ProtoalignError(f"methods[{index}] ({name}): scope must be 'run' or 'budget'")
-        spec.update(candidates=tuple(str(c) for c in candidates), scope=scope)
+        select_by = entry.get("by", "valid_energy_mae_mev")
+        if select_by not in SELECTION_CRITERIA:
+            raise ProtoalignError(f"methods[{index}] ({name}): by must be one of {', '.join(SELECTION_CRITERIA)}")
+        spec.update(candidates=tuple(str(c) for c in candidates), scope=scope, select_by=select_by)
     return MethodSpec(**spec)
 
 
@@ -366,13 +374,15 @@ def paired_percent_differences(values: dict[int, float], baseline: dict[int, flo
     return [100.0 * (values[s] - baseline[s]) / baseline[s] for s in sorted(values) if s in baseline]
 
 
-def select_by_validation(rows: Sequence[dict], candidates: Sequence[str], scope: str) -> list[dict]:
-    """Pick, among candidate methods' rows, the lowest validation energy MAE per (N, seed) or per N.
+def select_by_validation(rows: Sequence[dict], candidates: Sequence[str], scope: str,
+                         by: str = "valid_energy_mae_mev") -> list[dict]:
+    """Pick, among candidate methods' rows, the lowest validation error ``by`` (meV) per (N, seed) or per N.
 
-    ``rows`` are runs.csv rows (dicts with method, n_train, seed, valid_energy_mae_mev). With scope
-    'run' each (N, seed) takes its own best candidate; with 'budget' each N takes the candidate
-    with the lowest mean validation MAE over its seeds, and all that candidate's seeds. Returns the
-    chosen rows (copies) with ``chosen`` set to the candidate's name. The test set is never used.
+    ``rows`` are runs.csv rows (dicts with method, n_train, seed and the column ``by``, one of
+    SELECTION_CRITERIA). With scope 'run' each (N, seed) takes its own best candidate; with
+    'budget' each N takes the candidate with the lowest mean over its seeds, and all that
+    candidate's seeds. Returns the chosen rows (copies) with ``chosen`` set to the candidate's
+    name. The test set is never used.
     """
     pool = [r for r in rows if r["method"] in candidates]
     chosen = []
@@ -380,11 +390,11 @@ def select_by_validation(rows: Sequence[dict], candidates: Sequence[str], scope:
         keys = sorted({(r["n_train"], r["seed"]) for r in pool})
         for key in keys:
             group = [r for r in pool if (r["n_train"], r["seed"]) == key]
-            chosen.append(min(group, key=lambda r: (r["valid_energy_mae_mev"], candidates.index(r["method"]))))
+            chosen.append(min(group, key=lambda r: (r[by], candidates.index(r["method"]))))
     elif scope == "budget":
         for n in sorted({r["n_train"] for r in pool}):
             group = [r for r in pool if r["n_train"] == n]
-            means = {m: np.mean([r["valid_energy_mae_mev"] for r in group if r["method"] == m])
+            means = {m: np.mean([r[by] for r in group if r["method"] == m])
                      for m in candidates if any(r["method"] == m for r in group)}
             best = min(means, key=lambda m: (means[m], candidates.index(m)))
             chosen += [r for r in group if r["method"] == best]
@@ -708,9 +718,12 @@ def evaluate_model(model_path: Path, atoms_list: Sequence, energy_key: str, forc
 
 
 def shifted_metrics(test: dict, valid: dict) -> dict:
-    """The offset metrics of a run from its test and validation evaluations (``evaluate_model``)."""
+    """The offset metrics of a run from its test and validation evaluations (``evaluate_model``): the
+    test energy MAE after removing the mean validation error, and the validation MAE after removing
+    its own mean (what ``select ... by: valid_energy_mae_shifted_mev`` compares)."""
     return {"energy_mean_error_mev": test["energy_mean_error_mev"],
-            "energy_mae_valid_shifted_mev": valid_shifted_energy_mae(test["energy_errors_mev"], valid["energy_errors_mev"])}
+            "energy_mae_valid_shifted_mev": valid_shifted_energy_mae(test["energy_errors_mev"], valid["energy_errors_mev"]),
+            "valid_energy_mae_shifted_mev": valid_shifted_energy_mae(valid["energy_errors_mev"], valid["energy_errors_mev"])}
 
 
 def complete_metrics(config: BenchConfig, layout: BenchLayout, run: Run, say=print) -> None:
@@ -1015,7 +1028,7 @@ def collect_rows(config: BenchConfig, layout: BenchLayout) -> list[dict]:
             rows.append({column: done[column] for column in CSV_COLUMNS if column in done})
     for method in config.methods:
         if method.kind == "select":
-            for row in select_by_validation(rows, list(method.candidates), method.scope):
+            for row in select_by_validation(rows, list(method.candidates), method.scope, method.select_by):
                 rows.append({**row, "method": method.name, "setting": f"{row['chosen']}: {row['setting']}"})
     return rows
 
@@ -1043,7 +1056,7 @@ def aggregate(rows: Sequence[dict], method: str, n_train: int, baseline: str | N
     base = {r["seed"]: r for r in rows if r["method"] == baseline and r["n_train"] == n_train}
     result = {"n_seeds": len(mine)}
     for column in ("energy_mae_mev", "energy_mae_mev_per_atom", "force_mae_mev_per_a", "valid_energy_mae_mev", "wall_time_s",
-                   "energy_mae_valid_shifted_mev"):
+                   "energy_mae_valid_shifted_mev", "valid_energy_mae_shifted_mev"):
         result[column] = mean_sd([r[column] for r in mine.values() if column in r])
     for column in ("energy_mae_mev", "force_mae_mev_per_a", "energy_mae_valid_shifted_mev"):
         diffs = paired_percent_differences({s: r[column] for s, r in mine.items() if column in r},
@@ -1078,8 +1091,8 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
         *(["", config.notes] if config.notes else []),
         "",
         "| method | setting | N | seeds | E MAE (meV) | E MAE (meV/atom) | F MAE (meV/Å) | ΔE vs baseline (%) | ΔF vs baseline (%) "
-        "| E MAE shifted (meV) | ΔE shifted (%) | valid E MAE (meV) | train time (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| E MAE shifted (meV) | ΔE shifted (%) | valid E MAE (meV) | valid E MAE shifted (meV) | train time (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method in config.methods:
         for n in sorted({r["n_train"] for r in rows if r["method"] == method.name}):
@@ -1093,17 +1106,18 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
                 f"{'–' if is_base else _pm(stats['delta_force_mae_mev_per_a'], sign=True)} | "
                 f"{_pm(stats['energy_mae_valid_shifted_mev'])} | "
                 f"{'–' if is_base else _pm(stats['delta_energy_mae_valid_shifted_mev'], sign=True)} | "
-                f"{_pm(stats['valid_energy_mae_mev'], 2)} | {stats['wall_time_s'][0]:.0f} |"
+                f"{_pm(stats['valid_energy_mae_mev'], 2)} | {_pm(stats['valid_energy_mae_shifted_mev'], 2)} | "
+                f"{stats['wall_time_s'][0]:.0f} |"
             )
     for method in config.methods:
         if method.kind != "select":
             continue
         picks = [r for r in rows if r["method"] == method.name]
         lines += ["", f"`{method.name}` picks among {', '.join(f'`{c}`' for c in method.candidates)} the one with the "
-                  f"lowest validation energy MAE per {'(N, seed)' if method.scope == 'run' else 'N (mean over seeds)'}; "
-                  "the test set plays no part. Choices:", ""]
-        lines += [f"- N={r['n_train']} seed={r['seed']}: {r['chosen']} (valid E MAE {r['valid_energy_mae_mev']:.2f} meV)"
-                  for r in sorted(picks, key=lambda r: (r["n_train"], r["seed"]))]
+                  f"lowest {SELECTION_CRITERIA[method.select_by]} per "
+                  f"{'(N, seed)' if method.scope == 'run' else 'N (mean over seeds)'}; the test set plays no part. Choices:", ""]
+        lines += [f"- N={r['n_train']} seed={r['seed']}: {r['chosen']} ({SELECTION_CRITERIA[method.select_by]} "
+                  f"{r[method.select_by]:.2f} meV)" for r in sorted(picks, key=lambda r: (r["n_train"], r["seed"]))]
     devices = sorted({str(r.get("device")) for r in rows})
     lines += ["", f"Runs finished: {sum(1 for r in rows if config.method(r['method']).kind != 'select')} "
               f"of {len(plan_runs(config))}; device(s): {', '.join(devices) or '–'}; total training time "

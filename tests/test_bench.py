@@ -226,7 +226,21 @@ def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, 
     # ΔE per seed: -25 %, -10 %  -> -17.5 ± 10.6; ΔF: 0 %, +10 % -> +5.0 ± 7.1
     assert "| align-1e-2 | λ=0.01 | 6 | 2 | 12.0 ± 4.2 | 2.40 ± 0.85 | 42.0 ± 2.8 | -17.5 ± 10.6 | +5.0 ± 7.1 |" in text
     assert "| naive | – | 6 | 2 | 15.0 ± 7.1 |" in text
-    assert "- N=6 seed=1: align-1e-2 (valid E MAE 9.00 meV)" in text
+    assert "- N=6 seed=1: align-1e-2 (validation energy MAE 9.00 meV)" in text
+
+
+def test_select_by_offset_free_validation_error():
+    rows = [{**row("a", 10, 0, 5.0, 1.0), "valid_energy_mae_shifted_mev": 3.0},   # a: best raw, worse without offset
+            {**row("b", 10, 0, 6.0, 1.0), "valid_energy_mae_shifted_mev": 2.0}]
+    assert bench.select_by_validation(rows, ["a", "b"], "run")[0]["chosen"] == "a"
+    assert bench.select_by_validation(rows, ["a", "b"], "run", "valid_energy_mae_shifted_mev")[0]["chosen"] == "b"
+    spec = bench.parse_method({"method": "select", "from": ["a", "b"], "by": "valid_energy_mae_shifted_mev"}, 0)
+    assert spec.select_by == "valid_energy_mae_shifted_mev" and "without its mean" in spec.setting
+    with pytest.raises(ProtoalignError, match="by must be one of valid_energy_mae_mev, valid_energy_mae_shifted_mev"):
+        bench.parse_method({"method": "select", "from": ["a"], "by": "energy_mae_mev"}, 0)  # the test set: refused
+    assert bench.shifted_metrics(
+        {"energy_mean_error_mev": 0.0, "energy_errors_mev": [1.0, 3.0]},
+        {"energy_errors_mev": [10.0, 14.0]})["valid_energy_mae_shifted_mev"] == pytest.approx(2.0)
 
 
 def test_fingerprint_follows_file_contents_not_folders(tmp_path, tiny_model, molecules_xyz):
@@ -319,10 +333,12 @@ def test_tiny_grid_outputs_and_resumption(tmp_path, tiny_model, molecules_xyz):
     old_done = out / "runs" / "naive" / "N6_seed1" / "done.json"
     record = json.loads(old_done.read_text())
     shifted = record.pop("energy_mae_valid_shifted_mev")
+    valid_shifted = record.pop("valid_energy_mae_shifted_mev")
     old_done.write_text(json.dumps(record))
     output = run_bench(config, "--out", out)
     assert "naive N=6 seed=1: evaluating again" in output and ": running" not in output
     assert json.loads(old_done.read_text())["energy_mae_valid_shifted_mev"] == pytest.approx(shifted, rel=1e-9)
+    assert json.loads(old_done.read_text())["valid_energy_mae_shifted_mev"] == pytest.approx(valid_shifted, rel=1e-9)
     before = done_times(out)
 
     (out / "runs" / "align-1e-2" / "N6_seed0" / "done.json").unlink()
