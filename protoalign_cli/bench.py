@@ -784,7 +784,9 @@ def execute_run(config: BenchConfig, layout: BenchLayout, index: int, expected: 
     if expected is not None and expected != f"{run.method}/{run.key}":
         raise ProtoalignError(f"run {index} of {config.path.name} is now {run.label}, not {expected}: was the config edited?")
     products = source_products(config, layout)
-    missing = [p for p in (layout.train_file(run.n_train, run.seed), layout.valid_file, layout.test_file, *products.values())
+    used = _products_used(config.method(run.method))
+    missing = [p for p in (layout.train_file(run.n_train, run.seed), layout.valid_file, layout.test_file,
+                           *(path for key, path in products.items() if key in used))
                if not p.is_file()]
     if missing:
         raise ProtoalignError(f"{missing[0]} is missing; run `protoalign bench {config.path}` (or with --slurm) first to prepare")
@@ -1020,7 +1022,7 @@ def write_slurm_script(config: BenchConfig, out: Path, say=print, sbatch_options
 # ----------------------------------------------------------------------------- summaries
 
 def collect_rows(config: BenchConfig, layout: BenchLayout) -> list[dict]:
-    """runs.csv rows of every finished run, then the rows of the select methods."""
+    """runs.csv rows of every finished run, then the rows of the select methods (within their own budgets and seeds)."""
     rows = []
     for run in plan_runs(config):
         done = read_done(layout.run_dir(run) / DONE)
@@ -1028,7 +1030,9 @@ def collect_rows(config: BenchConfig, layout: BenchLayout) -> list[dict]:
             rows.append({column: done[column] for column in CSV_COLUMNS if column in done})
     for method in config.methods:
         if method.kind == "select":
-            for row in select_by_validation(rows, list(method.candidates), method.scope, method.select_by):
+            within = [r for r in rows if (not method.budgets or r["n_train"] in method.budgets)
+                      and (not method.seeds or r["seed"] in method.seeds)]
+            for row in select_by_validation(within, list(method.candidates), method.scope, method.select_by):
                 rows.append({**row, "method": method.name, "setting": f"{row['chosen']}: {row['setting']}"})
     return rows
 

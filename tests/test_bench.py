@@ -243,6 +243,21 @@ def test_select_by_offset_free_validation_error():
         {"energy_errors_mev": [10.0, 14.0]})["valid_energy_mae_shifted_mev"] == pytest.approx(2.0)
 
 
+def test_select_keeps_to_its_own_budgets_and_seeds(tmp_path, tiny_model, molecules_xyz):
+    methods = """  - {method: naive}
+  - {name: a, method: align, align_weight: 0.01}
+  - {name: b, method: align, align_weight: 1.0, seeds: [0]}
+  - {name: best, method: select, from: [a, b], seeds: [0]}"""
+    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+    layout = bench.BenchLayout(tmp_path / "out")
+    for run in bench.plan_runs(config):
+        layout.run_dir(run).mkdir(parents=True)
+        valid = {"a": 5.0, "b": 4.0}.get(run.method, 6.0)
+        (layout.run_dir(run) / "done.json").write_text(json.dumps(row(run.method, run.n_train, run.seed, valid, 1.0)))
+    chosen = [(r["seed"], r["setting"]) for r in bench.collect_rows(config, layout) if r["method"] == "best"]
+    assert [(seed, setting.split(":")[0]) for seed, setting in chosen] == [(0, "b")]  # not seed 1, where only a ran
+
+
 def test_fingerprint_follows_file_contents_not_folders(tmp_path, tiny_model, molecules_xyz):
     config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}"))
     runs = bench.plan_runs(config)
@@ -370,6 +385,25 @@ def test_slurm_script_and_changed_settings_are_refused(tmp_path, tiny_model, mol
     assert result.exit_code == 1 and result.output.strip() == "Error: --run-index 2 is outside 0..1"
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--only", "lora"])
     assert result.exit_code == 1 and "--only lora: not a trained method" in result.output
+
+
+def test_run_needs_only_its_own_source_products(tmp_path, tiny_model, molecules_xyz):
+    # a method added to the config after its grid was prepared must not block the runs that do not use it
+    config = write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}")
+    out = tmp_path / "out"
+    run_bench(config, "--out", out, "--slurm")
+    settings, layout = bench.load_config(config), bench.BenchLayout(out)
+    run = bench.plan_runs(settings)[0]
+    finished = layout.run_dir(run) / "done.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text(json.dumps({"fingerprint": bench.run_fingerprint(settings, layout, run, {}), "method": "naive",
+                                     "n_train": 6, "seed": 0, "energy_mae_mev": 1.0, "force_mae_mev_per_a": 2.0}))
+    config.write_text(config.read_text().replace("  - {method: naive}", "  - {method: naive}\n  - {method: align, align_weight: 1.0}"))
+    assert not list((out / "source").glob("prototypes*.h5"))
+    result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "0"])
+    assert result.exit_code == 0 and "naive N=6 seed=0: test energy MAE 1.00 meV" in result.output, result.output
+    result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "2"])
+    assert result.exit_code == 1 and "prototypes.h5 is missing" in result.output
 
 
 @pytest.mark.slow
