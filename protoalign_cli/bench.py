@@ -783,10 +783,9 @@ def execute_run(config: BenchConfig, layout: BenchLayout, index: int, expected: 
     run = runs[index]
     if expected is not None and expected != f"{run.method}/{run.key}":
         raise ProtoalignError(f"run {index} of {config.path.name} is now {run.label}, not {expected}: was the config edited?")
-    products = source_products(config, layout)
     used = _products_used(config.method(run.method))
-    missing = [p for p in (layout.train_file(run.n_train, run.seed), layout.valid_file, layout.test_file,
-                           *(path for key, path in products.items() if key in used))
+    products = {key: path for key, path in source_products(config, layout).items() if key in used}
+    missing = [p for p in (layout.train_file(run.n_train, run.seed), layout.valid_file, layout.test_file, *products.values())
                if not p.is_file()]
     if missing:
         raise ProtoalignError(f"{missing[0]} is missing; run `protoalign bench {config.path}` (or with --slurm) first to prepare")
