@@ -1,7 +1,7 @@
 """Benchmark ``protoalign extract`` against a plain batched MACE forward pass (CPU).
 
 Both sides use the same model, the same structures (read with ase.io.iread), the same batch size
-and the same graph construction (``protoalign_cli.extract.atoms_to_graph``). Every measurement
+and the same graph construction (``protoalign_cli.mace.latents.atoms_to_graph``). Every measurement
 runs in a fresh subprocess, baseline and extract alternating, so each one also reports its own
 peak resident memory (ru_maxrss). The timed span is the same on both sides: from loading the
 model to the last batch (extract also scans the inputs, writes HDF5 and the run summary).
@@ -59,8 +59,8 @@ def run_baseline(model_path: Path, files: list[Path], n_configs: int, batch_size
     from mace.tools import torch_geometric
     from mace.tools.torch_tools import default_dtype
 
-    from protoalign_cli.extract import atoms_to_graph
-    from protoalign_cli.models import describe_model, import_mace_quietly, load_model
+    from protoalign_cli.mace.latents import atoms_to_graph
+    from protoalign_cli.mace.models import describe_model, import_mace_quietly, load_model
 
     import_mace_quietly()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -81,7 +81,7 @@ def run_baseline(model_path: Path, files: list[Path], n_configs: int, batch_size
 def run_extract_once(model_path: Path, files: list[Path], n_configs: int, batch_size: int, dtype: str, out: Path) -> dict:
     """``protoalign extract`` through the library into ``out``; returns timing."""
     from protoalign_cli.extract import ExtractRequest, run_extract
-    from protoalign_cli.models import import_mace_quietly
+    from protoalign_cli.mace.models import import_mace_quietly
 
     import_mace_quietly()
     start, cpu_start = time.perf_counter(), time.process_time()

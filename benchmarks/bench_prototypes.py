@@ -3,7 +3,7 @@
 Synthetic latent file: N atoms x D features (D - 2 interaction columns + 2 readout energies),
 E elements with equal shares, each a mixture of 64 Gaussian clusters (centres ~ N(0, 3^2), unit
 noise). The build runs as the real command line in a subprocess (wall and CPU time, peak RSS of
-that process); assignment (``protoalign_cli.prototypes.assign`` over all N atoms, in memory) runs
+that process); assignment (``protoalign_cli.prototypes.assignment.assign`` over all N atoms, in memory) runs
 here (wall and process CPU time, best of --repeats). For scale, the plain MACE baseline measured
 side by side is the shared ANI-CC model's forward pass over source geometries (atoms per second of
 wall and of CPU time), when ../shared is present. On a machine shared with other jobs, compare CPU
@@ -33,11 +33,12 @@ ELEMENTS = (1, 6, 7, 8)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def write_latents(path: Path, n_atoms: int, n_features: int, n_elements: int, seed: int = 0, chunk: int = 1 << 16) -> None:
-    """Stream a synthetic latent file through schema.LatentWriter (chunks of ``chunk`` atoms)."""
+def write_latents(path: Path, n_atoms: int, n_features: int, n_elements: int, seed: int = 0, chunk: int = 1 << 16,
+                  dtype: str = "float64") -> None:
+    """Stream a synthetic latent file of ``dtype`` through schema.LatentWriter (chunks of ``chunk`` atoms)."""
     import h5py
 
-    from protoalign_cli import schema
+    from protoalign_cli.io import schema
 
     rng = np.random.default_rng(seed)
     elements = ELEMENTS[:n_elements]
@@ -48,18 +49,18 @@ def write_latents(path: Path, n_atoms: int, n_features: int, n_elements: int, se
     header = schema.LatentHeader(
         model_sha256="0" * 64, model_path="synthetic.model", mace_version="0.3.16", model_type="ScaleShiftMACE",
         r_max=5.0, e0s={"Default": {str(z): -10.0 * z for z in ELEMENTS}}, heads=["Default"], head="Default",
-        layout=layout, source_files=["synthetic.xyz"], dtype="float64", command_line="bench_prototypes",
+        layout=layout, source_files=["synthetic.xyz"], dtype=dtype, command_line="bench_prototypes",
         protoalign_version="bench",
     )
     centres = rng.normal(scale=3.0, size=(len(elements), 64, n_features)).reshape(-1, n_features)
     with h5py.File(path, "w") as handle:
-        writer = schema.LatentWriter(handle, header, n_features, "float64")
+        writer = schema.LatentWriter(handle, header, n_features, dtype)
         for start in range(0, n_atoms, chunk):
             n = min(chunk, n_atoms - start)
             element = rng.integers(0, len(elements), size=n)
             z = np.asarray(elements)[element]
             cluster = rng.integers(0, 64, size=n)
-            latent = centres[element * 64 + cluster] + rng.normal(size=(n, n_features))
+            latent = (centres[element * 64 + cluster] + rng.standard_normal(size=(n, n_features))).astype(dtype, copy=False)
             energy = 0.1 * cluster + rng.normal(scale=0.05, size=n)
             writer.append({
                 schema.LATENT: latent, schema.ENERGY_MINUS_E0: energy, schema.NODE_ENERGY: energy - 10.0 * z,
@@ -69,10 +70,10 @@ def write_latents(path: Path, n_atoms: int, n_features: int, n_elements: int, se
         writer.finish()
 
 
-def run_build(latents: Path, out: Path, k: int) -> dict:
-    """Run ``protoalign prototypes`` in a subprocess; wall seconds and the child's peak RSS (GiB)."""
+def run_build(latents: Path, out: Path, k: int, extra: tuple[str, ...] = ()) -> dict:
+    """Run ``protoalign prototypes`` in a subprocess; wall and CPU seconds and the child's peak RSS (GiB)."""
     command = [sys.executable, "-c", "from protoalign_cli.cli import main; main()", "prototypes", str(latents),
-               "--out", str(out), "--k", str(k), "--overwrite"]
+               "--out", str(out), "--k", str(k), "--overwrite", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
@@ -85,8 +86,8 @@ def run_build(latents: Path, out: Path, k: int) -> dict:
 
 def time_assign(latents: Path, prototypes_path: Path, repeats: int) -> dict:
     """Best-of-``repeats`` wall time of ``assign`` over every atom of the latent file (in memory)."""
-    from protoalign_cli import schema
-    from protoalign_cli.prototypes import assign, load_prototypes
+    from protoalign_cli.io import schema
+    from protoalign_cli.prototypes.assignment import assign, load_prototypes
 
     data = schema.read_latents(latents)
     prototypes = load_prototypes(prototypes_path)
@@ -112,8 +113,8 @@ def time_mace_baseline(n_configs: int = 200) -> dict | None:
         return None
     import ase.io
 
-    from protoalign_cli.extract import latents_of_atoms
-    from protoalign_cli.models import describe_model, load_model
+    from protoalign_cli.mace.latents import latents_of_atoms
+    from protoalign_cli.mace.models import describe_model, load_model
 
     model = load_model(model_path)
     info = describe_model(model, model_path)

@@ -1,16 +1,18 @@
-"""Stage 3: fine-tune with mace_run_train plus the prototype alignment term.
+"""Stage 3: fine-tune with mace_run_train plus loss terms (by default the prototype energy alignment term).
 
-``run_finetune`` parses the mace_run_train arguments with MACE's own parser, checks that the
-prototypes come from the foundation model being fine-tuned (sha256), assigns every target atom
-(training and validation files) to its nearest prototype in the latent space of the *pretrained*
-model (once, batched; cached in ``WORK_DIR/protoalign/``), turns the assignments into per-atom
-targets ε* (eV) and weights, and runs MACE's ``run_train.main`` with the wrappers of
-``protoalign_cli.mace_patch``. The run is recorded in ``WORK_DIR/protoalign_finetune.json``, the
-term per epoch in ``WORK_DIR/protoalign/align_<name>_run-<seed>.jsonl``.
+``run_finetune`` checks that the installed mace-torch has every name the trainer hooks use, parses
+the mace_run_train arguments with MACE's own parser, checks that the prototypes come from the
+foundation model being fine-tuned (sha256), assigns every target atom (training and validation
+files) to its nearest prototype in the latent space of the *pretrained* model (once, batched;
+cached in ``WORK_DIR/protoalign/``), builds the requested terms of ``protoalign_cli.terms`` from
+the assignment, and runs MACE's ``run_train.main`` with the wrappers of
+``protoalign_cli.mace.trainer_hooks``. The run is recorded in ``WORK_DIR/protoalign_finetune.json``,
+the terms per epoch in ``WORK_DIR/protoalign/align_<name>_run-<seed>.jsonl``.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import dataclasses
@@ -21,29 +23,48 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from protoalign_cli.alignment import AlignmentSettings, atom_targets_and_weights, check_settings
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.mace_patch import PRETRAINING_HEAD, AlignmentTable, AlignmentTracker, patched_mace
-from protoalign_cli.provenance import run_summary, sha256_file, write_summary
+from protoalign_cli.io.schema import Prototypes
+from protoalign_cli.io.provenance import run_summary, sha256_file, write_summary
+from protoalign_cli.mace.latents import DEFAULT_BATCH_SIZE
+from protoalign_cli.mace.models import PRETRAINING_HEAD, describe_model, exception_line, import_mace_quietly, load_model
+from protoalign_cli.terms import TERMS
+from protoalign_cli.terms.base import LossTerm, ScheduleSettings, with_decay_epochs
+from protoalign_cli.terms.energy_alignment import AlignmentSettings, EnergyAlignmentTerm
+from protoalign_cli.terms.target_atoms import (
+    TargetAtoms,
+    assign_configurations,
+    assignment_statistics,
+    check_missing_elements,
+    load_target_atoms,
+    save_target_atoms,
+)
 
 MISSING_ELEMENT_POLICIES = ("error", "ignore")
 RECORD_NAME = "protoalign_finetune.json"
-CONFIG_CHUNK = 1024  # configurations whose latents are held in memory at once
+
+
+def default_terms() -> dict[str, ScheduleSettings]:
+    """The energy alignment term with its default settings."""
+    return {EnergyAlignmentTerm.name: AlignmentSettings()}
 
 
 @dataclasses.dataclass
 class FinetuneRequest:
-    """Everything ``protoalign finetune`` was asked to do (``mace_args``: what follows ``--``)."""
+    """Everything ``protoalign finetune`` was asked to do (``mace_args``: what follows ``--``).
+
+    ``terms``: registry name (``protoalign_cli.terms.TERMS``) → that term's settings.
+    """
 
     prototypes: Path
     mace_args: Sequence[str]
-    settings: AlignmentSettings = dataclasses.field(default_factory=AlignmentSettings)
-    missing_elements: str = "error"
-    batch_size: int = 32
+    terms: Mapping[str, ScheduleSettings] = dataclasses.field(default_factory=default_terms)
+    missing_elements: str = MISSING_ELEMENT_POLICIES[0]
+    batch_size: int = DEFAULT_BATCH_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +172,7 @@ def read_configurations(path: str, r_max: float, atomic_numbers: Sequence[int]) 
         try:
             return list(ase.io.read(path, index=":"))
         except Exception as exc:
-            raise ProtoalignError(f"cannot read structures from {path}: {type(exc).__name__}: {exc}") from exc
+            raise ProtoalignError(f"cannot read structures from {path}: {exception_line(exc)}") from exc
     source = Path(path)
     files = sorted(source.glob("*.h5")) + sorted(source.glob("*.hdf5")) if source.is_dir() else [source]
     if not files or any(f.suffix not in (".h5", ".hdf5") for f in files):
@@ -178,7 +199,7 @@ def _read_mace_hdf5(path: Path, r_max: float, atomic_numbers: Sequence[int]) -> 
                 yield ase.Atoms(numbers=numbers, positions=data.positions.numpy(),
                                 cell=data.cell.reshape(3, 3).numpy(), pbc=pbc)
     except (OSError, KeyError, ValueError) as exc:
-        raise ProtoalignError(f"cannot read MACE HDF5 file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ProtoalignError(f"cannot read MACE HDF5 file {path}: {exception_line(exc)}") from exc
 
 
 def is_isolated_atom(atoms) -> bool:
@@ -197,219 +218,196 @@ def data_digest(files: Sequence[TargetFile], prototypes_sha256: str, dtype: str,
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def compute_assignment(model, info, prototypes, files: Sequence[TargetFile], batch_size: int, device: str) -> dict:
-    """Assign every atom of the target files to its nearest prototype in the pretrained latent space.
-
-    Returns per-atom ``atomic_numbers``, ``positions`` (Å), ``prototype_id`` (-1: element has none),
-    ``distance`` (standardized latent units), plus ``config_offsets`` [n_configs + 1] and per-config
-    ``config_role`` (0 train, 1 valid).
-    """
-    from protoalign_cli.extract import latents_of_atoms
-    from protoalign_cli.prototypes import assign
-
-    numbers, positions, ids, distances, lengths, roles = [], [], [], [], [], []
+def labelled_configurations(files: Sequence[TargetFile], info) -> Iterator[tuple[str, list]]:
+    """(role, configurations) of each target file, read for the model ``info``, E0 reference atoms skipped."""
     for f in files:
         configurations = [a for a in read_configurations(f.path, info.r_max, info.atomic_numbers)
                           if not is_isolated_atom(a)]
         if not configurations:
             raise ProtoalignError(f"{f.role} file {f.path} holds no configurations")
-        for start in range(0, len(configurations), CONFIG_CHUNK):
-            chunk = configurations[start:start + CONFIG_CHUNK]
-            rows = latents_of_atoms(model, info, chunk, head=prototypes.head, batch_size=batch_size, device=device)
-            prototype_id, distance = assign(prototypes, rows["latent"], rows["atomic_number"])
-            ids.append(np.asarray(prototype_id, dtype=np.int64))
-            distances.append(np.asarray(distance, dtype=np.float64))
-            numbers += [np.asarray(a.numbers, dtype=np.int64) for a in chunk]
-            positions += [np.asarray(a.positions, dtype=np.float64) for a in chunk]
-            lengths += [len(a) for a in chunk]
-            roles += [0 if f.role == "train" else 1] * len(chunk)
-    return {
-        "atomic_numbers": np.concatenate(numbers), "positions": np.concatenate(positions),
-        "prototype_id": np.concatenate(ids), "distance": np.concatenate(distances),
-        "config_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        "config_role": np.asarray(roles, dtype=np.int8),
-    }
+        yield f.role, configurations
 
 
-def save_assignment(path: Path, assignment: dict) -> None:
-    """Write an assignment cache atomically (every DDP rank may write the same file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **assignment)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def load_assignment(path: Path) -> dict | None:
-    """Read an assignment cache, or None when absent or unreadable (it is then recomputed)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as handle:
-            return {name: handle[name] for name in handle.files}
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def build_table(assignment: dict, prototypes, settings: AlignmentSettings,
-                dtype: str) -> tuple[AlignmentTable, np.ndarray]:
-    """The lookup table of per-atom targets (eV) and weights; also returns the per-atom weights."""
-    target, weight = atom_targets_and_weights(
-        assignment["prototype_id"], assignment["distance"], prototypes.radius,
-        prototypes.energy_mean, prototypes.energy_std, settings,
-    )
-    table = AlignmentTable(dtype)
-    offsets = assignment["config_offsets"]
-    for start, stop in zip(offsets[:-1], offsets[1:]):
-        table.add(assignment["atomic_numbers"][start:stop], assignment["positions"][start:stop],
-                  target[start:stop], weight[start:stop])
-    return table, weight
-
-
-def check_missing_elements(assignment: dict, policy: str) -> list[str]:
-    """Element symbols of the target without prototypes; an error unless ``policy`` is 'ignore'."""
-    from ase.data import chemical_symbols
-
-    missing = np.unique(assignment["atomic_numbers"][assignment["prototype_id"] < 0])
-    symbols = [chemical_symbols[int(z)] for z in missing]
-    if symbols and policy == "error":
-        raise ProtoalignError(
-            f"target element(s) {', '.join(symbols)} have no prototypes; build prototypes from source data "
-            "containing them, or pass --align-missing-elements ignore to give their atoms weight 0"
-        )
-    return symbols
-
-
-def assignment_statistics(assignment: dict, weight: np.ndarray, prototypes) -> dict:
-    """Per element and overall: atoms, fraction with w > 0, mean w, and distance d / prototype radius R.
-
-    d/R is summarized by its median and the fraction of atoms with d <= R (inside the radius that
-    holds 95 % of the prototype's own members); a mean would be dominated by prototypes of almost
-    zero radius (clusters of near-duplicate source atoms).
-    """
-    from ase.data import chemical_symbols
-
-    ids = assignment["prototype_id"]
-    assigned = ids >= 0
-    radius = np.asarray(prototypes.radius, dtype=np.float64)[np.where(assigned, ids, 0)]
-    distance = np.asarray(assignment["distance"], dtype=np.float64)
-    ratio = np.full(len(ids), np.inf)
-    np.divide(distance, radius, out=ratio, where=assigned & (radius > 0))
-    ratio[assigned & (radius == 0) & (distance == 0)] = 0.0
-
-    def summarize(mask: np.ndarray) -> dict:
-        inside = mask & assigned
-        return {
-            "atoms": int(mask.sum()),
-            "fraction_weighted": float((weight[mask] > 0).mean()) if mask.any() else 0.0,
-            "mean_weight": float(weight[mask].mean()) if mask.any() else 0.0,
-            "median_distance_over_radius": float(np.median(ratio[inside])) if inside.any() else None,
-            "fraction_within_radius": float((ratio[inside] <= 1).mean()) if inside.any() else 0.0,
-        }
-
-    numbers = assignment["atomic_numbers"]
-    roles = assignment["config_role"]
-    return {
-        "configurations": {"train": int((roles == 0).sum()), "valid": int((roles == 1).sum())},
-        "all": summarize(np.ones(len(ids), dtype=bool)),
-        "per_element": {chemical_symbols[int(z)]: summarize(numbers == z) for z in np.unique(numbers)},
-    }
-
-
-def run_finetune(request: FinetuneRequest) -> dict:
-    """Fine-tune with mace_run_train plus the alignment term; return the run record (also written to disk)."""
-    from protoalign_cli.models import describe_model, load_model, resolve_model_path
-    from protoalign_cli.prototypes import load_prototypes
-
-    check_settings(request.settings)
+def check_request(request: FinetuneRequest) -> None:
+    """Refuse unknown terms, impossible term settings and an unknown missing-element policy."""
+    for name, settings in request.terms.items():
+        if name not in TERMS:
+            raise ProtoalignError(f"unknown loss term {name!r} (known: {', '.join(TERMS)})")
+        TERMS[name].check_settings(settings)
     if request.missing_elements not in MISSING_ELEMENT_POLICIES:
         raise ProtoalignError(f"--align-missing-elements must be one of {', '.join(MISSING_ELEMENT_POLICIES)}")
-    if request.batch_size < 1:
-        raise ProtoalignError("--batch-size must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What run_finetune derived from the request before reading any target data."""
+
+    args: argparse.Namespace  # mace_run_train's arguments
+    prototypes_path: Path
+    prototypes: Prototypes
+    prototypes_sha256: str
+    model_path: Path
+    files: list[TargetFile]
+    cache_path: Path
+
+    @property
+    def work_dir(self) -> Path:
+        """mace's --work_dir."""
+        return Path(self.args.work_dir)
+
+
+def plan_run(request: FinetuneRequest) -> Plan:
+    """Parse the mace arguments, verify the prototypes against --foundation_model, find the target files."""
+    from protoalign_cli.prototypes.assignment import load_prototypes, pretrained_model
+
     args = parse_mace_args(request.mace_args)
     if args.foundation_model is None:
         raise ProtoalignError("protoalign finetune needs --foundation_model among the mace_run_train arguments")
-    settings = request.settings
-    if settings.decay != "none" and settings.decay_epochs is None:
-        settings = dataclasses.replace(settings, decay_epochs=max(1, args.max_num_epochs - settings.warmup_epochs))
-    prototypes_path = Path(request.prototypes)
-    prototypes = load_prototypes(prototypes_path)
-    model_path = resolve_model_path(args.foundation_model)
-    model_sha256 = sha256_file(model_path)
-    if model_sha256 != prototypes.model_sha256:
-        raise ProtoalignError(
-            f"{prototypes_path} was built from a different model (sha256 {prototypes.model_sha256[:12]}...) "
-            f"than --foundation_model {args.foundation_model} (sha256 {model_sha256[:12]}...)"
-        )
+    prototypes = load_prototypes(Path(request.prototypes))
+    model_path = pretrained_model(prototypes, args.foundation_model)
     files = target_files(args)
-    prototypes_sha256 = sha256_file(prototypes_path)
+    prototypes_sha256 = sha256_file(request.prototypes)
     digest = data_digest(files, prototypes_sha256, args.default_dtype, f"{prototypes.head}/{args.foundation_head}")
-    work_dir = Path(args.work_dir)
-    cache_path = work_dir / "protoalign" / f"assignment-{model_sha256[:12]}-{digest[:12]}.npz"
+    cache_name = f"assignment-{prototypes.model_sha256[:12]}-{digest[:12]}.npz"
+    return Plan(args, Path(request.prototypes), prototypes, prototypes_sha256, model_path, files,
+                Path(args.work_dir) / "protoalign" / cache_name)
+
+
+def target_atoms(plan: Plan, batch_size: int, keep_latents: bool) -> tuple[TargetAtoms, bool]:
+    """The target atoms with their assignment, from the cache or computed (and cached); and whether cached.
+
+    The assignment's forward pass runs in a child process (``run_isolated``): in this process it would
+    warm TorchScript's graph executors, and λ = 0 would then differ from plain mace_run_train (~1e-16).
+    """
+    atoms = load_target_atoms(plan.cache_path, plan.prototypes, keep_latents)
+    if atoms is not None:
+        return atoms, True
+    run_isolated(assignment_pass, plan.prototypes_path, plan.model_path, plan.files, plan.args.foundation_head,
+                 plan.args.default_dtype, precompute_device(plan.args), batch_size, keep_latents, plan.cache_path)
+    atoms = load_target_atoms(plan.cache_path, plan.prototypes, keep_latents)
+    if atoms is None:
+        raise ProtoalignError(f"the assignment pass did not leave a readable {plan.cache_path}")
+    return atoms, False
+
+
+def assignment_pass(prototypes_path: Path, model_path: Path, files: Sequence[TargetFile], foundation_head: str | None,
+                    dtype: str, device: str, batch_size: int, keep_latents: bool, cache_path: Path) -> None:
+    """Load the pretrained model, assign every target atom to its nearest prototype, write the cache."""
+    from protoalign_cli.prototypes.assignment import load_prototypes
+
+    import_mace_quietly()
+    prototypes = load_prototypes(prototypes_path)
+    model = load_model(model_path, device, dtype)
+    info = describe_model(model, model_path)
+    check_foundation_head(foundation_head, info.heads, prototypes.head)
+    atoms = assign_configurations(model, info, prototypes, labelled_configurations(files, info), batch_size, device,
+                                  keep_latents)
+    save_target_atoms(cache_path, atoms)
+
+
+def run_isolated(function, *args) -> None:
+    """Run ``function(*args)`` in a fresh (spawned) Python process; its exceptions are raised here.
+
+    Nothing it changes in the interpreter or in torch (executors, caches, RNG, CUDA context) reaches
+    this process.
+    """
+    import concurrent.futures
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            pool.submit(function, *args).result()
+        except BrokenProcessPool as exc:
+            raise ProtoalignError(f"the assignment pass over the target data died ({exception_line(exc)})") from exc
+
+
+def build_terms(request: FinetuneRequest, atoms: TargetAtoms, prototypes, max_num_epochs: int) -> list[LossTerm]:
+    """The requested terms (registry order of the request), built for the target atoms."""
+    return [TERMS[name].build(with_decay_epochs(settings, max_num_epochs), atoms, prototypes)
+            for name, settings in request.terms.items()]
+
+
+def statistics_weight(terms: Sequence[LossTerm], atoms: TargetAtoms) -> np.ndarray:
+    """The per-atom weights the record summarizes: the first term's (the energy alignment term's by default)."""
+    return terms[0].targets.weight if terms else np.zeros(len(atoms.atomic_numbers))
+
+
+def run_finetune(request: FinetuneRequest) -> dict:
+    """Fine-tune with mace_run_train plus the requested terms; return the run record (also written to disk)."""
+    from protoalign_cli.mace.trainer_hooks import check_supported
+
+    check_request(request)
+    import_mace_quietly()
+    check_supported()
+    plan = plan_run(request)
     started = time.perf_counter()
-    assignment = load_assignment(cache_path)
-    cache_reused = assignment is not None
-    if assignment is None:
-        device = precompute_device(args)
-        model = load_model(model_path, device, args.default_dtype)
-        info = describe_model(model, model_path)
-        check_foundation_head(args.foundation_head, info.heads, prototypes.head)
-        assignment = compute_assignment(model, info, prototypes, files, request.batch_size, device)
-        del model
-        save_assignment(cache_path, assignment)
-    ignored = check_missing_elements(assignment, request.missing_elements)
+    keep_latents = any(TERMS[name].needs_pretrained_latents for name in request.terms)
+    atoms, cache_reused = target_atoms(plan, request.batch_size, keep_latents)
+    ignored = check_missing_elements(atoms.assignment, request.missing_elements)
     if ignored:
         logging.warning(f"protoalign: target element(s) {', '.join(ignored)} have no prototypes; "
                         "their atoms get weight 0")
-    table, weight = build_table(assignment, prototypes, settings, args.default_dtype)
+    terms = build_terms(request, atoms, plan.prototypes, plan.args.max_num_epochs)
     assignment_seconds = time.perf_counter() - started
 
-    tag = f"{args.name}_run-{args.seed}"
-    jsonl_path = work_dir / "protoalign" / f"align_{tag}.jsonl"
+    jsonl_path = plan.work_dir / "protoalign" / f"align_{plan.args.name}_run-{plan.args.seed}.jsonl"
     inputs = {
-        "prototypes": str(prototypes_path), "prototypes_sha256": prototypes_sha256,
-        "foundation_model": str(model_path), "foundation_sha256": model_sha256,
-        "mace_args": list(request.mace_args), "settings": dataclasses.asdict(settings),
-        "missing_elements": request.missing_elements, "target_files": [dataclasses.asdict(f) for f in files],
+        "prototypes": str(plan.prototypes_path), "prototypes_sha256": plan.prototypes_sha256,
+        "foundation_model": str(plan.model_path), "foundation_sha256": plan.prototypes.model_sha256,
+        "mace_args": list(request.mace_args),
+        **{term.settings_key: dataclasses.asdict(term.settings) for term in terms},
+        "missing_elements": request.missing_elements, "target_files": [dataclasses.asdict(f) for f in plan.files],
     }
     results = {
-        "status": "running", "assignment_cache": str(cache_path), "assignment_cache_reused": cache_reused,
-        "assignment_seconds": assignment_seconds,
-        "elements_without_prototypes": ignored,
-        "assignment": assignment_statistics(assignment, weight, prototypes), "align_log": str(jsonl_path),
+        "status": "running", "assignment_cache": str(plan.cache_path), "assignment_cache_reused": cache_reused,
+        "assignment_seconds": assignment_seconds, "elements_without_prototypes": ignored,
+        "assignment": assignment_statistics(atoms, statistics_weight(terms, atoms)),
+        "align_log": str(jsonl_path),
     }
-    is_rank_zero = launch_rank(args)[0] == 0
+    return train_and_record(request, plan, terms, atoms, inputs, results)
+
+
+def train_and_record(request: FinetuneRequest, plan: Plan, terms: Sequence[LossTerm], atoms: TargetAtoms,
+                     inputs: dict, results: dict) -> dict:
+    """Run mace_run_train with the terms; write the record before (running) and after (finished / failed)."""
+    from protoalign_cli.mace.trainer_hooks import TermTracker, configuration_index
+
+    args, work_dir = plan.args, plan.work_dir
     record_path = work_dir / RECORD_NAME
-    if is_rank_zero:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(record_path, run_summary("finetune", inputs, results))
-    tracker = AlignmentTracker(table, settings, jsonl_path)
+    is_rank_zero = launch_rank(args)[0] == 0
+
+    def record() -> None:
+        if is_rank_zero:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            write_summary(record_path, run_summary("finetune", inputs, results))
+
+    record()
+    index = configuration_index(atoms.atomic_numbers, atoms.positions, atoms.config_offsets, args.default_dtype)
+    tracker = TermTracker(terms, index, Path(results["align_log"]))
     try:
         run_mace_train(request.mace_args, tracker)
     except BaseException as exc:
-        results["status"] = f"failed: {type(exc).__name__}: {exc}"
-        if is_rank_zero:
-            write_summary(record_path, run_summary("finetune", inputs, results))
+        results["status"] = f"failed: {exception_line(exc)}"
+        record()
         if isinstance(exc, Exception) and not isinstance(exc, ProtoalignError):
-            debug_log = Path(args.log_dir or work_dir / "logs") / f"{tag}_debug.log"
-            raise ProtoalignError(f"mace_run_train failed: {type(exc).__name__}: {exc} "
+            debug_log = Path(args.log_dir or work_dir / "logs") / f"{args.name}_run-{args.seed}_debug.log"
+            raise ProtoalignError(f"mace_run_train failed: {exception_line(exc)} "
                                   f"(traceback in {debug_log})") from exc
         raise
     results["status"] = "finished"
     results["epochs_logged"] = len([r for r in tracker.records if not r["initial"]])
     results["last_epoch"] = tracker.records[-1] if tracker.records else None
-    if is_rank_zero:
-        write_summary(record_path, run_summary("finetune", inputs, results))
+    record()
     return {"inputs": inputs, "results": results, "record": str(record_path)}
 
 
-def run_mace_train(mace_args: Sequence[str], tracker: AlignmentTracker) -> None:
-    """Run ``mace.cli.run_train.main`` on ``mace_args`` with the alignment wrappers in place."""
+def run_mace_train(mace_args: Sequence[str], tracker) -> None:
+    """Run ``mace.cli.run_train.main`` on ``mace_args`` with the wrappers of ``tracker`` (a TermTracker) in place."""
     from mace.cli import run_train
+
+    from protoalign_cli.mace.trainer_hooks import patched_mace
 
     with mace_process_state(mace_args), patched_mace(tracker):
         try:

@@ -1,4 +1,5 @@
-"""The alignment term's pure functions: weights, λ schedule, term, centering, DDP reduction."""
+"""The loss terms: the energy alignment term's pure functions (weights, λ schedule, term, centering, DDP
+reduction) and a vector-valued term through the generic tracker of the trainer hooks."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ import pytest
 import mace  # noqa: F401  (before e3nn/torch users)
 import torch
 
-from protoalign_cli.alignment import (
+from protoalign_cli.terms.base import (
+    AtomTargets,
+    LossTerm,
+    ScheduleSettings,
+    TermValue,
+    lambda_at_epoch,
+    reduce_weighted_mean,
+)
+from protoalign_cli.terms.energy_alignment import (
     AlignmentSettings,
     alignment_term,
     atom_targets_and_weights,
     centered_residual,
     distance_weights,
-    lambda_at_epoch,
-    reduce_weighted_mean,
     spread_weights,
 )
 
@@ -158,3 +165,82 @@ def test_ddp_reduction_gives_the_gradient_of_the_global_weighted_mean():
     assert results[0][1] == pytest.approx(float(theta.grad), rel=1e-12)
     assert results[1][1] == pytest.approx(float(theta.grad), rel=1e-12)
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(global_term.item(), rel=1e-12)
+
+
+class ToyLatentTerm(LossTerm):
+    """A toy vector-valued term (the shape of issue 13's latent term): Σ w |h − h*|² / Σ w over 2 latent columns."""
+
+    name = "toy_latent"
+    option_prefix = "--toy"
+    sum_names = ("weighted_square_sum", "weight_sum")
+    lambda_key = "toy_lambda"
+    settings_key = "toy_settings"
+    log_name = "toy"
+
+    @classmethod
+    def build(cls, settings, atoms, prototypes):
+        raise NotImplementedError("the test builds its targets by hand")
+
+    def compute(self, batch):
+        residual = batch.pred["node_feats"][:, :2] - batch.target
+        square_sum = (batch.weight * residual.square().sum(dim=1)).sum()
+        term = reduce_weighted_mean(square_sum, batch.weight.sum(), batch.ddp)
+        return TermValue(term, {"weighted_square_sum": square_sum.detach(), "weight_sum": batch.weight.sum()})
+
+    def summarize(self, sums):
+        return {"toy": sums["weighted_square_sum"] / sums["weight_sum"], "toy_weight": sums["weight_sum"]}
+
+    def format_value(self, record):
+        return f"{record['toy']:.3f}"
+
+    def describe(self):
+        return "toy"
+
+
+def test_a_vector_valued_term_runs_through_the_generic_tracker(tmp_path):
+    """Per-atom target vectors (width 2) looked up by configuration, λ·term added, sums logged per phase."""
+    import json
+
+    from protoalign_cli.mace.trainer_hooks import TermTracker, configuration_index
+
+    numbers = np.array([1, 8, 1, 6, 1])  # two configurations: H O H | C H
+    positions = np.arange(15, dtype=np.float64).reshape(5, 3)
+    offsets = np.array([0, 3, 5])
+    targets = AtomTargets(np.arange(10, dtype=np.float64).reshape(5, 2), np.array([1.0, 1.0, 0.0, 0.5, 0.5]))
+    term = ToyLatentTerm(ScheduleSettings(weight=2.0, warmup_epochs=1), targets)
+    tracker = TermTracker([term], configuration_index(numbers, positions, offsets, "float64"), tmp_path / "log.jsonl")
+    model = type("Model", (), {"heads": ["Default"], "atomic_numbers": torch.tensor([1, 6, 8])})()
+    tracker.attach_model(model)
+
+    class Batch(dict):
+        num_graphs = 2
+
+    order = [3, 4, 0, 1, 2]  # the batch holds the second configuration first
+    element = torch.tensor([{1: 0, 6: 1, 8: 2}[int(z)] for z in numbers[order]])
+    ref = Batch(positions=torch.tensor(positions[order]), node_attrs=torch.nn.functional.one_hot(element, 3),
+                ptr=torch.tensor([0, 2, 5]), batch=torch.tensor([0, 0, 1, 1, 1]))
+    feats = torch.zeros(5, 4, dtype=torch.float64, requires_grad=True)
+    base = torch.tensor(1.0, dtype=torch.float64)
+    expected = float((targets.weight[order] * (targets.target[order] ** 2).sum(axis=1)).sum() / targets.weight.sum())
+
+    tracker.begin_training(0, {})
+    tracker.begin_epoch(0)  # λ = 0 in the warmup's first epoch: the loss is returned untouched
+    with tracker.phase("train"):
+        assert tracker.add_terms(base, ref, {"node_feats": feats}, ddp=False) is base
+    tracker.begin_epoch(1)  # λ = 2
+    with tracker.phase("train"):
+        loss = tracker.add_terms(base, ref, {"node_feats": feats}, ddp=False)
+    tracker.flush()
+    assert loss.item() == pytest.approx(1.0 + 2.0 * expected)
+    loss.backward()
+    assert feats.grad[:, 2:].abs().sum() == 0 and feats.grad[:, :2].abs().sum() > 0
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[0] == {"event": "start", "start_epoch": 0,
+                          "toy_settings": {"weight": 2.0, "warmup_epochs": 1, "decay": "none", "decay_epochs": None}}
+    assert records[1]["initial"] and "train" not in records[1]  # no evaluation before training here
+    epochs = records[2:]
+    assert [r["toy_lambda"] for r in epochs] == [0.0, 2.0]
+    for record in epochs:
+        assert record["train"]["toy"] == pytest.approx(expected)
+        assert record["train"]["graphs"] == 2 and record["train"]["graphs_missing"] == 0
+    assert tracker.log_line(epochs[1]) == f"protoalign epoch 1: toy_lambda=2 train_toy={expected:.3f}"

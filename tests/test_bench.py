@@ -11,7 +11,23 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from protoalign_cli import bench
+from helpers import assert_one_line_error
+
+from protoalign_cli.bench.command import training_command
+from protoalign_cli.bench.config import load_config
+from protoalign_cli.bench.data import prepare_splits, training_order
+from protoalign_cli.bench.evaluate import shifted_metrics
+from protoalign_cli.bench.layout import BenchLayout, claimed, lock_holder, plan_runs, run_fingerprint
+from protoalign_cli.bench.methods import parse_method
+from protoalign_cli.bench.report import CSV_COLUMNS, collect_rows, summary_markdown
+from protoalign_cli.bench.source import prepare_source, source_products
+from protoalign_cli.bench.stats import (
+    error_metrics,
+    mean_sd,
+    paired_percent_differences,
+    select_by_validation,
+    valid_shifted_energy_mae,
+)
 from protoalign_cli.cli import main
 from protoalign_cli.errors import ProtoalignError
 
@@ -51,7 +67,7 @@ def test_error_metrics_in_mev_per_atom_and_per_angstrom():
     pred_f = np.zeros((5, 3))
     ref_f = np.zeros((5, 3))
     ref_f[0, 0], ref_f[4, 2] = 0.03, -0.06
-    metrics = bench.error_metrics(pred_e, ref_e, n_atoms, pred_f, ref_f)
+    metrics = error_metrics(pred_e, ref_e, n_atoms, pred_f, ref_f)
     assert metrics["energy_mae_mev"] == pytest.approx(3.5)
     assert metrics["energy_rmse_mev"] == pytest.approx(math.sqrt((9 + 16) / 2))
     assert metrics["energy_mae_mev_per_atom"] == pytest.approx((1.0 + 2.0) / 2)
@@ -60,24 +76,24 @@ def test_error_metrics_in_mev_per_atom_and_per_angstrom():
 
 
 def test_training_sets_are_seeded_and_nested_over_budgets():
-    order = bench.training_order(400, seed=3)
+    order = training_order(400, seed=3)
     assert sorted(order) == list(range(400))
-    np.testing.assert_array_equal(order, bench.training_order(400, seed=3))
-    assert not np.array_equal(order[:25], bench.training_order(400, seed=4)[:25])
+    np.testing.assert_array_equal(order, training_order(400, seed=3))
+    assert not np.array_equal(order[:25], training_order(400, seed=4)[:25])
     assert set(order[:25]) <= set(order[:50])
 
 
 def test_valid_shifted_energy_mae_removes_only_the_validation_offset():
     test_error, valid_error = np.array([210.0, 190.0, 230.0]), np.array([195.0, 205.0])
-    assert bench.valid_shifted_energy_mae(test_error, valid_error) == pytest.approx((10 + 10 + 30) / 3)
-    assert bench.valid_shifted_energy_mae(test_error, np.zeros(2)) == pytest.approx(np.abs(test_error).mean())
+    assert valid_shifted_energy_mae(test_error, valid_error) == pytest.approx((10 + 10 + 30) / 3)
+    assert valid_shifted_energy_mae(test_error, np.zeros(2)) == pytest.approx(np.abs(test_error).mean())
 
 
 def test_mean_sd_and_paired_differences():
-    assert bench.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
-    assert bench.mean_sd([5.0])[0] == 5.0 and math.isnan(bench.mean_sd([5.0])[1])
-    assert all(math.isnan(v) for v in bench.mean_sd([]))
-    diffs = bench.paired_percent_differences({0: 8.0, 1: 15.0, 2: 1.0}, {0: 10.0, 1: 10.0})
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_sd([5.0])[0] == 5.0 and math.isnan(mean_sd([5.0])[1])
+    assert all(math.isnan(v) for v in mean_sd([]))
+    diffs = paired_percent_differences({0: 8.0, 1: 15.0, 2: 1.0}, {0: 10.0, 1: 10.0})
     assert diffs == pytest.approx([-20.0, 50.0])
 
 
@@ -89,9 +105,9 @@ def test_select_uses_validation_never_test():
     rows = [row("a", 10, 0, 5.0, 100.0), row("b", 10, 0, 6.0, 1.0),   # a wins on validation, b on test
             row("a", 10, 1, 9.0, 1.0), row("b", 10, 1, 2.0, 100.0),
             row("naive", 10, 0, 0.1, 0.1)]
-    picked = bench.select_by_validation(rows, ["a", "b"], "run")
+    picked = select_by_validation(rows, ["a", "b"], "run")
     assert [(r["seed"], r["chosen"]) for r in picked] == [(0, "a"), (1, "b")]
-    per_budget = bench.select_by_validation(rows, ["a", "b"], "budget")  # means: a 7.0, b 4.0
+    per_budget = select_by_validation(rows, ["a", "b"], "budget")  # means: a 7.0, b 4.0
     assert {r["chosen"] for r in per_budget} == {"b"} and len(per_budget) == 2
 
 
@@ -103,16 +119,16 @@ def test_a_run_is_claimed_by_one_live_process_at_a_time(tmp_path):
     import sys
 
     lock = tmp_path / "runs" / "naive" / "N6_seed0.lock"
-    with bench.claimed(lock, "naive N=6 seed=0"):
-        assert bench.lock_holder(lock) == f"pid {os.getpid()} on {platform.node()}"
+    with claimed(lock, "naive N=6 seed=0"):
+        assert lock_holder(lock) == f"pid {os.getpid()} on {platform.node()}"
         with pytest.raises(ProtoalignError, match="is being run by pid"):
-            with bench.claimed(lock, "naive N=6 seed=0"):
+            with claimed(lock, "naive N=6 seed=0"):
                 pass
     assert not lock.exists()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"pid": int(finished.stdout), "host": platform.node()}))  # a dead process
-    assert bench.lock_holder(lock) is None
-    with bench.claimed(lock, "naive N=6 seed=0"):
+    assert lock_holder(lock) is None
+    with claimed(lock, "naive N=6 seed=0"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
@@ -125,19 +141,21 @@ def test_config_errors_are_one_line(tmp_path, tiny_model, molecules_xyz):
         "  - {method: naive, args: [--seed, '3']}": "set by the harness",
         "  - {method: align}": "numeric align_weight",
         "  - {method: select, from: [nothing]}": "not a trained method",
+        "  - {method: naive, align_weight: 0.1}": r"methods\[0\]: unknown key.s. align_weight",
+        "  - {method: freeze}": r"methods\[0\] \(freeze\): freeze needs an integer",
     }
     for methods, message in cases.items():
         with pytest.raises(ProtoalignError, match=message):
-            bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+            load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
     overlapping = write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}").read_text()
     (tmp_path / "bench.yaml").write_text(overlapping.replace("valid: [12, 16]", "valid: [10, 16]"))
     with pytest.raises(ProtoalignError, match="overlap"):
-        bench.load_config(tmp_path / "bench.yaml")
+        load_config(tmp_path / "bench.yaml")
     (tmp_path / "bench.yaml").write_text(overlapping + "\nreuse_run_from: elsewhere\n")
     with pytest.raises(ProtoalignError, match="unknown key.s. reuse_run_from"):
-        bench.load_config(tmp_path / "bench.yaml")
+        load_config(tmp_path / "bench.yaml")
     result = CliRunner().invoke(main, ["bench", str(tmp_path / "missing.yaml")])
-    assert result.exit_code == 1 and result.output.strip() == f"Error: bench config {tmp_path / 'missing.yaml'} does not exist"
+    assert assert_one_line_error(result) == f"Error: bench config {tmp_path / 'missing.yaml'} does not exist"
 
 
 def test_training_commands_per_method(tmp_path, tiny_model, molecules_xyz):
@@ -147,12 +165,12 @@ def test_training_commands_per_method(tmp_path, tiny_model, molecules_xyz):
   - {method: lora, args: [--lora_rank, '2']}
   - {method: freeze, freeze: 1}
   - {method: scratch, args: [--hidden_irreps, 8x0e]}"""
-    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
-    layout = bench.BenchLayout(tmp_path / "out")
-    runs = bench.plan_runs(config)
+    config = load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+    layout = BenchLayout(tmp_path / "out")
+    runs = plan_runs(config)
     assert len(runs) == 12 and [r.index for r in runs] == list(range(12))
-    products = bench.source_products(config, layout)
-    commands = {r.method: bench.training_command(config, layout, r, products) for r in runs if r.seed == 1}
+    products = source_products(config, layout)
+    commands = {r.method: training_command(config, layout, r, products) for r in runs if r.seed == 1}
     for name, argv in commands.items():
         text = " ".join(argv)
         assert f"--train_file {layout.train_file(6, 1)} --valid_file {layout.valid_file}" in text
@@ -169,21 +187,21 @@ def test_training_commands_per_method(tmp_path, tiny_model, molecules_xyz):
 
 
 def test_align_methods_with_own_prototype_settings_get_their_own_file(tmp_path, tiny_model, molecules_xyz):
-    from protoalign_cli.schema import read_prototypes
+    from protoalign_cli.io.schema import read_prototypes
 
     methods = """  - {name: default, method: align, align_weight: 0.01}
   - {name: k1, method: align, align_weight: 0.01, prototypes_args: [--k, '1', --features, energy]}
   - {name: k1-again, method: align, align_weight: 0.1, prototypes_args: [--k, '1', --features, energy]}"""
-    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
-    layout = bench.BenchLayout(tmp_path / "out")
-    products = bench.prepare_source(config, layout, say=lambda message: None)
-    assert sorted(products) == ["prototypes", bench.prototypes_product(config.method("k1"))]
-    own = read_prototypes(products[bench.prototypes_product(config.method("k1"))])
+    config = load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+    layout = BenchLayout(tmp_path / "out")
+    products = prepare_source(config, layout, say=lambda message: None)
+    assert sorted(products) == ["prototypes", config.method("k1").prototypes_key]
+    own = read_prototypes(products[config.method("k1").prototypes_key])
     shared = read_prototypes(products["prototypes"])
     assert own.n_prototypes == len(own.elements) and own.features == "energy"
     assert shared.n_prototypes == 2 * len(shared.elements) and shared.features == "all"
-    runs = {r.method: r for r in bench.plan_runs(config) if r.seed == 0}
-    argv = {name: bench.training_command(config, layout, run, products) for name, run in runs.items()}
+    runs = {r.method: r for r in plan_runs(config) if r.seed == 0}
+    argv = {name: training_command(config, layout, run, products) for name, run in runs.items()}
     assert argv["k1"][argv["k1"].index("--prototypes") + 1] == argv["k1-again"][argv["k1-again"].index("--prototypes") + 1]
     assert argv["k1"][argv["k1"].index("--prototypes") + 1] != argv["default"][argv["default"].index("--prototypes") + 1]
     assert "--k 1 --features energy" in config.method("k1").setting
@@ -191,7 +209,7 @@ def test_align_methods_with_own_prototype_settings_get_their_own_file(tmp_path, 
         f"structures: [{molecules_xyz}]", f"prototypes: {products['prototypes']}")
     (tmp_path / "bench.yaml").write_text(prebuilt)
     with pytest.raises(ProtoalignError, match="k1, k1-again set prototypes_args, which needs source.structures"):
-        bench.load_config(tmp_path / "bench.yaml")
+        load_config(tmp_path / "bench.yaml")
 
 
 def test_source_frames_restrict_the_source_structures(tmp_path, tiny_model, molecules_xyz):
@@ -199,30 +217,30 @@ def test_source_frames_restrict_the_source_structures(tmp_path, tiny_model, mole
 
     text = write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN).read_text()
     (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [2, 10]\n  configs_per_file: 4\n  prototypes_args:"))
-    config = bench.load_config(tmp_path / "bench.yaml")
-    layout = bench.BenchLayout(tmp_path / "out")
-    bench.prepare_source(config, layout, say=lambda message: None)
+    config = load_config(tmp_path / "bench.yaml")
+    layout = BenchLayout(tmp_path / "out")
+    prepare_source(config, layout, say=lambda message: None)
     chosen = ase.io.read(layout.source_dir / "structures.xyz", ":")
     frames = ase.io.read(molecules_xyz, ":")
     expected = [frames[i] for i in (2, 4, 7, 9)]  # 4 evenly spaced of frames 2..9
     assert [a.positions.tolist() for a in chosen] == [a.positions.tolist() for a in expected]
     (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [5, 2]\n  prototypes_args:"))
     with pytest.raises(ProtoalignError, match=r"source.frames must be \[start, stop\)"):
-        bench.load_config(tmp_path / "bench.yaml")
+        load_config(tmp_path / "bench.yaml")
     (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [0, 999]\n  prototypes_args:"))
     with pytest.raises(ProtoalignError, match="source.frames needs 999"):
-        bench.prepare_source(bench.load_config(tmp_path / "bench.yaml"), bench.BenchLayout(tmp_path / "out2"), say=print)
+        prepare_source(load_config(tmp_path / "bench.yaml"), BenchLayout(tmp_path / "out2"), say=print)
     assert not (tmp_path / "out2" / "source" / "structures.xyz").exists()
 
 
 def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, molecules_xyz):
-    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN))
+    config = load_config(write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN))
     rows = [{**row("naive", 6, s, 10.0, e), "energy_mae_mev_per_atom": e / 5, "force_mae_mev_per_a": 40.0,
              "wall_time_s": 3.0, "device": "cpu"} for s, e in ((0, 20.0), (1, 10.0))]
     rows += [{**row("align-1e-2", 6, s, 9.0, e), "energy_mae_mev_per_atom": e / 5, "force_mae_mev_per_a": f,
               "wall_time_s": 4.0, "device": "cpu"} for s, e, f in ((0, 15.0, 40.0), (1, 9.0, 44.0))]
-    rows += [{**r, "method": "best"} for r in bench.select_by_validation(rows, ["align-1e-2"], "run")]
-    text = bench.summary_markdown(config, rows)
+    rows += [{**r, "method": "best"} for r in select_by_validation(rows, ["align-1e-2"], "run")]
+    text = summary_markdown(config, rows)
     # ΔE per seed: -25 %, -10 %  -> -17.5 ± 10.6; ΔF: 0 %, +10 % -> +5.0 ± 7.1
     assert "| align-1e-2 | λ=0.01 | 6 | 2 | 12.0 ± 4.2 | 2.40 ± 0.85 | 42.0 ± 2.8 | -17.5 ± 10.6 | +5.0 ± 7.1 |" in text
     assert "| naive | – | 6 | 2 | 15.0 ± 7.1 |" in text
@@ -232,13 +250,13 @@ def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, 
 def test_select_by_offset_free_validation_error():
     rows = [{**row("a", 10, 0, 5.0, 1.0), "valid_energy_mae_shifted_mev": 3.0},   # a: best raw, worse without offset
             {**row("b", 10, 0, 6.0, 1.0), "valid_energy_mae_shifted_mev": 2.0}]
-    assert bench.select_by_validation(rows, ["a", "b"], "run")[0]["chosen"] == "a"
-    assert bench.select_by_validation(rows, ["a", "b"], "run", "valid_energy_mae_shifted_mev")[0]["chosen"] == "b"
-    spec = bench.parse_method({"method": "select", "from": ["a", "b"], "by": "valid_energy_mae_shifted_mev"}, 0)
+    assert select_by_validation(rows, ["a", "b"], "run")[0]["chosen"] == "a"
+    assert select_by_validation(rows, ["a", "b"], "run", "valid_energy_mae_shifted_mev")[0]["chosen"] == "b"
+    spec = parse_method({"method": "select", "from": ["a", "b"], "by": "valid_energy_mae_shifted_mev"}, 0)
     assert spec.select_by == "valid_energy_mae_shifted_mev" and "without its mean" in spec.setting
     with pytest.raises(ProtoalignError, match="by must be one of valid_energy_mae_mev, valid_energy_mae_shifted_mev"):
-        bench.parse_method({"method": "select", "from": ["a"], "by": "energy_mae_mev"}, 0)  # the test set: refused
-    assert bench.shifted_metrics(
+        parse_method({"method": "select", "from": ["a"], "by": "energy_mae_mev"}, 0)  # the test set: refused
+    assert shifted_metrics(
         {"energy_mean_error_mev": 0.0, "energy_errors_mev": [1.0, 3.0]},
         {"energy_errors_mev": [10.0, 14.0]})["valid_energy_mae_shifted_mev"] == pytest.approx(2.0)
 
@@ -248,35 +266,80 @@ def test_select_keeps_to_its_own_budgets_and_seeds(tmp_path, tiny_model, molecul
   - {name: a, method: align, align_weight: 0.01}
   - {name: b, method: align, align_weight: 1.0, seeds: [0]}
   - {name: best, method: select, from: [a, b], seeds: [0]}"""
-    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
-    layout = bench.BenchLayout(tmp_path / "out")
-    for run in bench.plan_runs(config):
+    config = load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+    layout = BenchLayout(tmp_path / "out")
+    for run in plan_runs(config):
         layout.run_dir(run).mkdir(parents=True)
         valid = {"a": 5.0, "b": 4.0}.get(run.method, 6.0)
         (layout.run_dir(run) / "done.json").write_text(json.dumps(row(run.method, run.n_train, run.seed, valid, 1.0)))
-    chosen = [(r["seed"], r["setting"]) for r in bench.collect_rows(config, layout) if r["method"] == "best"]
+    chosen = [(r["seed"], r["setting"]) for r in collect_rows(config, layout) if r["method"] == "best"]
     assert [(seed, setting.split(":")[0]) for seed, setting in chosen] == [(0, "b")]  # not seed 1, where only a ran
 
 
 def test_fingerprint_follows_file_contents_not_folders(tmp_path, tiny_model, molecules_xyz):
-    config = bench.load_config(write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}"))
-    runs = bench.plan_runs(config)
-    layouts = [bench.BenchLayout(tmp_path / name) for name in ("one", "two")]
+    config = load_config(write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}"))
+    runs = plan_runs(config)
+    layouts = [BenchLayout(tmp_path / name) for name in ("one", "two")]
     for layout in layouts:
-        bench.prepare_splits(config, layout, runs)
-    prints = [[bench.run_fingerprint(config, layout, run, {}) for run in runs] for layout in layouts]
+        prepare_splits(config, layout, runs)
+    prints = [[run_fingerprint(config, layout, run, {}) for run in runs] for layout in layouts]
     assert prints[0] == prints[1] and prints[0][0] != prints[0][1]
     train = layouts[1].train_file(6, 0)
     train.write_text(train.read_text().replace("REF_energy=-", "REF_energy=-1"))
-    assert bench.run_fingerprint(config, layouts[1], runs[0], {}) != prints[0][0]
+    assert run_fingerprint(config, layouts[1], runs[0], {}) != prints[0][0]
+
+
+# fingerprints of the bench before it became a package (protoalign_cli/bench.py at 884e3e5): finished
+# runs of existing bench folders must keep being recognised, resumed and reused
+FINGERPRINTS = {
+    "naive": "d97b44f1d4fc63b157e34b19c783b6ecd09ee8ac6cc0ac45594c1fd26767c181",
+    "al": "af8f9214ce62849d42aeb43aade039b60b3248fe0904d40c9417de8010ce8dfc",
+    "own": "86aa30836d8d10b6a69ba6ecc13539c9c392a2d2b9b2e074613c6ecd467d52f3",
+    "multihead": "4007866da3cc1a42f04ef31fad1705f7ca678357e4f5b06d277341113f4e435f",
+    "lora": "42a4d67cacabab7f602df99f51166551a7e68fd30e66026480727f55e99fcc74",
+    "freeze": "d2286ea7962b47acf1a668124b994329c270cb594fab3275e2c5bc474a9c3e7a",
+    "scratch": "6d3605ce4c04c28846202227dbaadada2bff09161b59b545c120e366152a8ec4",
+}
+
+
+def test_fingerprints_of_every_method_kind_are_unchanged(tmp_path):
+    # files enter by content and commands with placeholders, so fixed text files give fixed fingerprints
+    for name in ("foundation.model", "target.xyz", "source.xyz", "prebuilt.h5"):
+        (tmp_path / name).write_text(f"{name}\n")
+    path = tmp_path / "bench.yaml"
+    path.write_text("""
+foundation_model: foundation.model
+source: {structures: [source.xyz], prototypes: prebuilt.h5}
+target: {files: target.xyz}
+split: {pool: [0, 4], valid: [4, 6], test: [6, 8]}
+budgets: [2]
+seeds: [0]
+mace_args: {E0s: average, lr: 0.01, max_num_epochs: 2}
+methods:
+  - {method: naive}
+  - {name: al, method: align, align_weight: 0.01, align_args: [--align-weighting, hard]}
+  - {name: own, method: align, align_weight: 1.0, prototypes_args: [--k, '1']}
+  - {method: multihead, args: {num_samples_pt: 8}}
+  - {method: lora, args: [--lora_rank, '2']}
+  - {method: freeze, freeze: 1}
+  - {method: scratch, args: [--hidden_irreps, 8x0e]}
+""")
+    config, layout = load_config(path), BenchLayout(tmp_path / "out")
+    products = source_products(config, layout)
+    assert sorted(products) == ["prototypes", "prototypes-eed582a9f801", "pseudolabels"]
+    for file in (layout.train_file(2, 0), layout.valid_file, layout.test_file, *products.values()):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if not file.exists():
+            file.write_text(f"{file.name}\n")
+    assert {run.method: run_fingerprint(config, layout, run, products) for run in plan_runs(config)} == FINGERPRINTS
 
 
 def test_bench_configs_in_repository_parse(shared_dir):
     configs = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        config = bench.load_config(path, check_files=False)  # prototypes may be another bench's output
-        assert bench.plan_runs(config)
+        config = load_config(path, check_files=False)  # prototypes may be another bench's output
+        assert plan_runs(config)
         for file in (config.foundation_model, *config.target_files, *config.source_structures):
             # setting 2's foundation model is pretrained by benchmarks/pretrain_xtb_foundation.py into bench_runs/
             assert file.is_file() or "bench_runs" in file.parts, (path.name, file)
@@ -314,7 +377,7 @@ def test_tiny_grid_outputs_and_resumption(tmp_path, tiny_model, molecules_xyz):
                                                         ("align-1e-2", "1"), ("best", "0"), ("best", "1")]
     for r in rows:
         assert r["n_train"] == "6" and r["device"].startswith("cpu")
-        for column in bench.CSV_COLUMNS[4:13]:
+        for column in CSV_COLUMNS[4:13]:
             assert 0 < float(r[column]) < 1e6, column
     naive = {r["seed"]: float(r["energy_mae_mev"]) for r in rows if r["method"] == "naive"}
     align = {r["seed"]: float(r["energy_mae_mev"]) for r in rows if r["method"] == "align-1e-2"}
@@ -380,11 +443,11 @@ def test_slurm_script_and_changed_settings_are_refused(tmp_path, tiny_model, mol
     finished.parent.mkdir(parents=True)
     finished.write_text('{"fingerprint": "made with other settings"}')
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out)])
-    assert result.exit_code == 1 and "finished with different settings" in result.output
+    assert_one_line_error(result, "finished with different settings")
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "2"])
-    assert result.exit_code == 1 and result.output.strip() == "Error: --run-index 2 is outside 0..1"
+    assert assert_one_line_error(result) == "Error: --run-index 2 is outside 0..1"
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--only", "lora"])
-    assert result.exit_code == 1 and "--only lora: not a trained method" in result.output
+    assert_one_line_error(result, "--only lora: not a trained method")
 
 
 def test_run_needs_only_its_own_source_products(tmp_path, tiny_model, molecules_xyz):
@@ -392,18 +455,18 @@ def test_run_needs_only_its_own_source_products(tmp_path, tiny_model, molecules_
     config = write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}")
     out = tmp_path / "out"
     run_bench(config, "--out", out, "--slurm")
-    settings, layout = bench.load_config(config), bench.BenchLayout(out)
-    run = bench.plan_runs(settings)[0]
+    settings, layout = load_config(config), BenchLayout(out)
+    run = plan_runs(settings)[0]
     finished = layout.run_dir(run) / "done.json"
     finished.parent.mkdir(parents=True)
-    finished.write_text(json.dumps({"fingerprint": bench.run_fingerprint(settings, layout, run, {}), "method": "naive",
+    finished.write_text(json.dumps({"fingerprint": run_fingerprint(settings, layout, run, {}), "method": "naive",
                                      "n_train": 6, "seed": 0, "energy_mae_mev": 1.0, "force_mae_mev_per_a": 2.0}))
     config.write_text(config.read_text().replace("  - {method: naive}", "  - {method: naive}\n  - {method: align, align_weight: 1.0}"))
     assert not list((out / "source").glob("prototypes*.h5"))
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "0"])
     assert result.exit_code == 0 and "naive N=6 seed=0: test energy MAE 1.00 meV" in result.output, result.output
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "2"])
-    assert result.exit_code == 1 and "prototypes.h5 is missing" in result.output
+    assert_one_line_error(result, "prototypes.h5 is missing")
 
 
 @pytest.mark.slow

@@ -5,14 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protoalign_cli import diagnose as dg
+from protoalign_cli.diagnose import stats as dg
+from protoalign_cli.diagnose.diagnostics.atom_energies import AgreementTable, AtomAgreement, AtomEnergiesResult
+from protoalign_cli.diagnose.diagnostics.coverage import CoverageResult, ElementCoverage
+from protoalign_cli.diagnose.diagnostics.predictor import PredictorErrors, PredictorResult
+from protoalign_cli.diagnose.results import verdict_lines
+from protoalign_cli.prototypes.assignment import distance_ratio
 
 
 def test_distance_ratio_divides_by_the_assigned_radius():
     radius = np.array([2.0, 0.5, 0.0])
     prototype_id = np.array([0, 1, -1, 2, 2, 0])
     distance = np.array([1.0, 1.0, np.inf, 0.0, 0.3, 3.0])
-    ratio = dg.distance_ratio(distance, prototype_id, radius)
+    ratio = distance_ratio(distance, prototype_id, radius)
     np.testing.assert_array_equal(ratio, [0.5, 2.0, np.inf, 0.0, np.inf, 1.5])
 
 
@@ -149,25 +154,38 @@ def test_pca_keeps_distances_of_points_on_a_plane():
 
 
 def _agreement(scatter_ratio=1.0, bias_ratio=0.0):
-    return {"bias_meV": 10.0 * bias_ratio, "rms_meV": 10.0 * scatter_ratio, "scatter_ratio": scatter_ratio,
-            "bias_ratio": bias_ratio}
+    return AtomAgreement(n_atoms=10, bias_meV=10.0 * bias_ratio, mae_meV=10.0, mae_raw_meV=10.0,
+                         rms_meV=10.0 * scatter_ratio, source_rms_std_meV=10.0, scatter_ratio=scatter_ratio,
+                         bias_ratio=bias_ratio, pearson=0.5)
+
+
+def _element(n_atoms, n_covered, has_prototypes):
+    return ElementCoverage(n_atoms=n_atoms, n_covered=n_covered, coverage=n_covered / n_atoms,
+                           has_prototypes=has_prototypes, ratio_quantiles={}, ratio_max=None, n_prototypes=1,
+                           n_prototypes_used=1)
+
+
+def _errors(mae):
+    return PredictorErrors(n_configs=5, mae_raw_meV=mae, mae_meV=mae, mae_meV_per_atom=mae / 10, rmse_meV=mae,
+                           pearson=0.9, pearson_beyond_composition=0.5, offsets_eV={})
 
 
 def _results(coverage=0.95, has_n=True, predictor=True, pretrained=None, finetuned=None, prototype_mae=30.0):
-    by_element = {"H": {"n_atoms": 10, "n_covered": 10, "coverage": 1.0, "has_prototypes": True}}
+    """Typed coverage, predictor and atom-energy results in registry order, and the element names."""
+    by_element = {"H": _element(10, 10, True)}
     if not has_n:
-        by_element["N"] = {"n_atoms": 2, "n_covered": 0, "coverage": 0.0, "has_prototypes": False}
-    stats = lambda mae: {"mae_meV": mae, "mae_meV_per_atom": mae / 10, "pearson_beyond_composition": 0.5}  # noqa: E731
-    return {
-        "n_atoms": 12,
-        "coverage": {"radius_factor": 1.5, "overall": coverage, "n_covered": 11, "by_element": by_element},
-        "energy_predictor": ({"available": True, "prototype": stats(prototype_mae), "composition_only": stats(20.0)}
-                             if predictor else {"available": False, "note": "no reference energies"}),
-        "atom_energies": {
-            "pretrained": {"by_element": {"H": _agreement(**(pretrained or {}))}},
-            "finetuned": None if finetuned is None else {"by_element": {"H": _agreement(**finetuned)}},
-        },
-    }
+        by_element["N"] = _element(2, 0, False)
+    parts = [
+        CoverageResult(radius_factor=1.5, overall=coverage, n_covered=11, by_element=by_element),
+        (PredictorResult(available=True, note="", errors={"prototype": _errors(prototype_mae),
+                                                          "composition_only": _errors(20.0)})
+         if predictor else PredictorResult(available=False, note="no reference energies")),
+        AtomEnergiesResult(
+            pretrained=AgreementTable({"H": _agreement(**(pretrained or {}))}),
+            finetuned=None if finetuned is None else AgreementTable({"H": _agreement(**finetuned)}, []),
+        ),
+    ]
+    return parts, list(by_element)
 
 
 @pytest.mark.parametrize("changes, safe, reason", [
@@ -182,7 +200,7 @@ def _results(coverage=0.95, has_n=True, predictor=True, pretrained=None, finetun
     ({"finetuned": {"scatter_ratio": 1.7}}, False, "H fine-tuned atom energies scatter more than 1.5 x source"),
 ])
 def test_verdict(changes, safe, reason):
-    lines, is_safe = dg.verdict_lines(_results(**changes))
+    lines, is_safe = verdict_lines(*_results(**changes))
     assert is_safe is safe
     assert lines[-1].startswith("overall: coverage")
     assert ("SAFE" in lines[-1]) is safe
@@ -200,5 +218,5 @@ def test_verdict(changes, safe, reason):
     ({"prototype_mae": 19.0, "coverage": 0.5}, False),
 ])
 def test_verdict_says_when_prototype_energies_cannot_help(changes, expect_no_gain):
-    lines, _ = dg.verdict_lines(_results(**changes))
+    lines, _ = verdict_lines(*_results(**changes))
     assert ("expect no gain in energy error from alignment" in lines[-1]) is expect_no_gain

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 
 from protoalign_cli.cli import main
 from protoalign_cli.extract import ExtractRequest, run_extract
-from protoalign_cli.prototypes import PrototypesRequest, assign, build_prototypes, load_prototypes
-from protoalign_cli.schema import read_latents
+from protoalign_cli.prototypes.assignment import assign, load_prototypes
+from protoalign_cli.prototypes.build import PrototypesRequest, build_prototypes
+from protoalign_cli.io.schema import read_latents
+from helpers import assert_one_line_error
 from tiny_models import write_molecules
 
 HCO_MOLECULES = ("CH4", "H2O", "CH3OH", "C2H6", "HCOOH", "H2CO")
@@ -39,16 +41,6 @@ def diagnose(*args: str, expect: int = 0):
 def read_report(out: Path) -> dict:
     """The ``results`` of a diagnose report."""
     return json.loads((out / "report.json").read_text())["results"]
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit status 1 and a single ``Error: ...`` line on stderr holding every fragment; no traceback."""
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from protoalign_cli import extract as extract_module
-from protoalign_cli import schema
+from protoalign_cli.io import schema
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.extract import ExtractRequest, latents_of_atoms, merge_latents, run_extract, summary_path
-from protoalign_cli.models import describe_model, load_model
-from protoalign_cli.outputs import partial_path
-from protoalign_cli.schema import read_latents
+from protoalign_cli.extract import ExtractRequest, merge_latents, run_extract, summary_path
+from protoalign_cli.mace.latents import latents_of_atoms
+from protoalign_cli.mace.models import describe_model, load_model
+from protoalign_cli.io.outputs import partial_path
+from protoalign_cli.io.schema import read_latents
 from tiny_models import E0, write_molecules
 
 ARRAYS = (schema.LATENT, *schema.PER_ATOM_DATASETS)

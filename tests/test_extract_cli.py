@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from protoalign_cli.cli import main
-from protoalign_cli.outputs import partial_path
-from protoalign_cli.schema import read_latents
+from protoalign_cli.io.outputs import partial_path
+from protoalign_cli.io.schema import read_latents
 
 
 def run_cli(*args):

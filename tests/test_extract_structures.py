@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.structures import (
+from protoalign_cli.io.structures import (
     _xyz_species,
     iter_selected,
     parse_shard,

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import mace  # noqa: F401  (before e3nn/torch users)
 import torch
+from helpers import assert_one_line_error
 
 from protoalign_cli.cli import main
 from protoalign_cli.errors import ProtoalignError
@@ -116,6 +117,26 @@ def test_zero_weight_trains_exactly_like_plain_mace(runs):
     assert all(r["lambda"] == 0 and r["train"]["align"] > 0 for r in logged.values())
 
 
+def test_zero_weight_in_a_fresh_work_dir_trains_exactly_like_plain_mace(tmp_path, tiny_model, molecules_xyz,
+                                                                        prototypes_file):
+    """Each run in its own process, finetune computing the assignment (no cache): the assignment's forward
+    pass must leave nothing behind (it warmed TorchScript's executors: weights differed by ~1e-16)."""
+    plain_args = mace_args(tmp_path / "plain", tiny_model, molecules_xyz)
+    zero_args = mace_args(tmp_path / "zero", tiny_model, molecules_xyz)
+    commands = [[sys.executable, "-m", "mace.cli.run_train", *plain_args],
+                [sys.executable, "-m", "protoalign_cli", "finetune", "--prototypes", str(prototypes_file),
+                 "--align-weight", "0", "--", *zero_args]]
+    for command in commands:
+        process = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert process.returncode == 0, process.stderr[-3000:]
+    record = json.loads((tmp_path / "zero" / "protoalign_finetune.json").read_text())
+    assert record["results"]["assignment_cache_reused"] is False
+    plain, zero = model_state(tmp_path / "plain"), model_state(tmp_path / "zero")
+    assert plain.keys() == zero.keys()
+    for name in plain:
+        assert torch.equal(plain[name], zero[name]), name
+
+
 def test_positive_weight_logs_the_term_and_changes_training(runs):
     lines = records(runs["aligned"])
     initial = [r for r in lines if r.get("initial")]
@@ -136,7 +157,7 @@ def test_positive_weight_logs_the_term_and_changes_training(runs):
 
 
 def test_run_record(runs, prototypes_file, tiny_model):
-    from protoalign_cli.provenance import sha256_file
+    from protoalign_cli.io.provenance import sha256_file
 
     record = json.loads((runs["aligned"] / "protoalign_finetune.json").read_text())
     assert record["results"]["status"] == "finished"
@@ -230,29 +251,30 @@ def test_heads_dict_skips_the_replay_head(tmp_path, molecules_xyz):
 
 
 def test_batch_keys_match_the_precomputed_table(molecules_xyz):
-    """The key of each graph of a real MACE batch (float32 and float64) is found in a table built from the file."""
+    """The key of each graph of a real MACE batch (float32 and float64) is found in an index built from the file."""
     import ase.io
     from mace import data as mace_data
     from mace.tools import AtomicNumberTable, torch_geometric
     from mace.tools.torch_tools import default_dtype
 
-    from protoalign_cli.mace_patch import AlignmentTable, configuration_key
+    from protoalign_cli.mace.trainer_hooks import configuration_index, configuration_key
 
     frames = ase.io.read(molecules_xyz, ":")
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in frames])])
+    numbers = np.concatenate([a.numbers for a in frames])
+    positions = np.concatenate([a.positions for a in frames])
     for dtype in ("float32", "float64"):
-        table = AlignmentTable(dtype)
-        for i, atoms in enumerate(frames):
-            table.add(atoms.numbers, atoms.positions, np.full(len(atoms), float(i)), np.ones(len(atoms)))
+        index = configuration_index(numbers, positions, offsets, dtype)
         with default_dtype(dtype):
             z_table = AtomicNumberTable([1, 6, 7, 8])
             graphs = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a), z_table=z_table, cutoff=4.0)
                       for a in frames]
             batch = torch_geometric.batch.Batch.from_data_list(graphs[3:9])
-        numbers = np.array(z_table.zs)[batch.node_attrs.argmax(-1).numpy()]
+        batch_numbers = np.array(z_table.zs)[batch.node_attrs.argmax(-1).numpy()]
         for g, (start, stop) in enumerate(zip(batch.ptr[:-1], batch.ptr[1:])):
-            entry = table.get(configuration_key(numbers[start:stop], batch.positions[start:stop].numpy(), dtype))
-            assert entry is not None and entry[0][0] == 3 + g
-        assert table.get(configuration_key(numbers[:5], batch.positions[:5].numpy() + 1e-3, dtype)) is None
+            first = index.get(configuration_key(batch_numbers[start:stop], batch.positions[start:stop].numpy(), dtype))
+            assert first == offsets[3 + g]
+        assert index.get(configuration_key(batch_numbers[:5], batch.positions[:5].numpy() + 1e-3, dtype)) is None
 
 
 def test_hdf5_target_files_are_read_through_mace(tmp_path, molecules_xyz):
@@ -277,15 +299,6 @@ def test_hdf5_target_files_are_read_through_mace(tmp_path, molecules_xyz):
 # --------------------------------------------------------------------------- bad input
 
 
-def assert_one_line_error(result, pattern: str) -> None:
-    """Exit status 1 and exactly one 'Error: ...' line on stderr mentioning ``pattern``; no traceback."""
-    assert result.exit_code == 1, (result.output, result.exception)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert pattern in lines[0], lines[0]
-
-
 def test_prototypes_of_another_model_are_refused(tmp_path, tiny_l1_model, molecules_xyz, prototypes_file):
     result = run_cli("finetune", "--prototypes", prototypes_file, "--",
                      *mace_args(tmp_path, tiny_l1_model, molecules_xyz))
@@ -305,9 +318,11 @@ def test_target_elements_without_prototypes(tmp_path, tiny_model, molecules_xyz)
 
 
 def test_missing_elements_can_be_ignored(tmp_path):
-    from protoalign_cli.finetune import check_missing_elements
+    from protoalign_cli.terms.target_atoms import check_missing_elements
+    from protoalign_cli.prototypes.assignment import Assignment
 
-    assignment = {"atomic_numbers": np.array([1, 7, 7, 6]), "prototype_id": np.array([0, -1, -1, 3])}
+    distance = np.array([0.5, np.inf, np.inf, 1.0])
+    assignment = Assignment(np.array([1, 7, 7, 6]), np.array([0, -1, -1, 3]), distance, distance)
     assert check_missing_elements(assignment, "ignore") == ["N"]
 
 
@@ -376,6 +391,41 @@ def test_a_failing_mace_run_is_one_line_and_recorded(tmp_path, tiny_model, molec
     record = json.loads((tmp_path / "protoalign_finetune.json").read_text())
     assert record["results"]["status"].startswith("failed: KeyError")
     assert "Traceback" in (tmp_path / "logs" / "tiny_run-1_debug.log").read_text()
+
+
+@pytest.mark.parametrize("owner, name, missing", [
+    ("mace.cli.run_train", "get_loss_fn", "mace.cli.run_train.get_loss_fn"),
+    ("mace.tools.train", "evaluate", "mace.tools.train.evaluate"),
+])
+def test_a_mace_without_a_hooked_name_stops_before_training(owner, name, missing, monkeypatch, tmp_path, tiny_model,
+                                                             molecules_xyz, prototypes_file):
+    import importlib
+
+    monkeypatch.delattr(importlib.import_module(owner), name)
+    result = run_cli("finetune", "--prototypes", prototypes_file, "--", *mace_args(tmp_path, tiny_model, molecules_xyz))
+    assert_one_line_error(result, f"lacks {missing},", "mace-torch 0.3.16")
+    assert not any(tmp_path.iterdir())  # nothing ran: no record, no assignment, no MACE output
+
+
+def test_a_renamed_mace_argument_stops_before_training(monkeypatch, tmp_path, tiny_model, molecules_xyz,
+                                                        prototypes_file):
+    train_module = sys.modules["mace.tools.train"]
+    original = train_module.train_one_epoch
+
+    def renamed(model, loss_fn, data_loader, optimizer, epoch_index, *args, **kwargs):
+        return original(model, loss_fn, data_loader, optimizer, epoch_index, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", renamed)
+    result = run_cli("finetune", "--prototypes", prototypes_file, "--", *mace_args(tmp_path, tiny_model, molecules_xyz))
+    assert_one_line_error(result, "argument 'epoch' of mace.tools.train.train_one_epoch", "mace-torch 0.3.16")
+    assert not any(tmp_path.iterdir())
+
+
+def test_batch_size_below_one_is_refused(tmp_path, tiny_model, molecules_xyz, prototypes_file):
+    args = mace_args(tmp_path, tiny_model, molecules_xyz)
+    result = run_cli("finetune", "--prototypes", prototypes_file, "--batch-size", "0", "--", *args)
+    assert_one_line_error(result, "--batch-size must be >= 1")
+    assert not any(tmp_path.iterdir())
 
 
 def test_mace_is_left_as_it_was(runs):

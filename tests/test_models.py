@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import assert_one_line_error
 
 from protoalign_cli.cli import main
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.models import describe_model, load_model, resolve_model_path, scalar_slices
-from protoalign_cli.provenance import sha256_file
-from protoalign_cli.schema import read_latents
+from protoalign_cli.mace.models import describe_model, load_model, resolve_model_path, scalar_slices
+from protoalign_cli.io.provenance import sha256_file
+from protoalign_cli.io.schema import read_latents
 
 # The cache file names mace-torch 0.3.16 looks for: download_mace_mp_checkpoint keeps the alphanumeric
 # and '_' characters of the URL's basename (.../2023-12-10-mace-128-L0_energy_epoch-249.model);
@@ -76,6 +77,19 @@ def test_bad_checkpoints_are_refused(kind, tiny_model, tmp_path):
         path.write_bytes(b"")
     with pytest.raises(ProtoalignError, match="cannot load MACE checkpoint|is not a MACE model checkpoint"):
         load_model(path)
+
+
+@pytest.mark.parametrize("first_byte", [b"P", b"Q"])
+def test_a_multi_line_load_error_becomes_one_line(first_byte, tmp_path, molecules_xyz):
+    """torch's UnpicklingError for a pickle opening with a persistent-id opcode spans two lines."""
+    path = tmp_path / "bad.model"
+    path.write_bytes(first_byte + os.urandom(2000))
+    with pytest.raises(ProtoalignError, match="cannot load MACE checkpoint") as caught:
+        load_model(path)
+    assert "\n" not in str(caught.value)
+    result = CliRunner().invoke(main, ["extract", "--model", str(path), "--configs", str(molecules_xyz),
+                                       "--out", str(tmp_path / "latents.h5")])
+    assert_one_line_error(result, "cannot load MACE checkpoint", "UnpicklingError")
 
 
 def test_cuda_without_cuda_is_refused(tiny_model):

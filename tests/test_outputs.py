@@ -3,7 +3,7 @@
 import pytest
 
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.outputs import atomic_directory
+from protoalign_cli.io.outputs import atomic_directory
 
 
 def test_atomic_directory_replaces_only_on_success(tmp_path):

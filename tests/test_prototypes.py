@@ -13,141 +13,29 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from protoalign_cli import schema
+from protoalign_cli.io import schema
 from protoalign_cli.cli import main
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.extract import ExtractRequest, run_extract
-from protoalign_cli.prototypes import (
-    PrototypesRequest,
-    assign,
-    build_prototypes,
-    feature_scaling,
+from protoalign_cli.prototypes.assignment import assign, load_prototypes
+from protoalign_cli.prototypes.build import parse_k, parse_k_grid, summary_path
+from protoalign_cli.prototypes.clustering import (
+    gpu_available,
     kmeans_information_criteria,
-    load_prototypes,
     member_statistics,
-    nearest_prototypes,
-    flat_index,
-    parse_k,
-    parse_k_grid,
-    select_features,
-    standardize,
-    summary_path,
     unique_rows,
     within_cluster_sse,
 )
+from protoalign_cli.prototypes.features import feature_scaling, select_features, standardize
+from protoalign_cli.prototypes.search import flat_index, nearest_prototypes
+
+from helpers import assert_one_line_error
+from prototype_files import assert_consistent, build, file_contents, read_all_latents, run_cli, write_synthetic_latents
 
 SOURCE_MOLECULES = ("benzene", "ethanol", "malonaldehyde", "toluene", "uracil")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def write_synthetic_latents(path: Path, clusters: dict[int, int], n_per_cluster: int = 120, d: int = 12, seed: int = 0,
-                            model_sha256: str = "a" * 64, head: str = "Default", n_energy: int = 2,
-                            duplicates: dict[int, int] | None = None) -> Path:
-    """A latent file (via schema.LatentWriter) whose atoms of element Z form ``clusters[Z]`` well separated
-    unit-variance Gaussian clusters (centres ~ N(0, 20^2)); cluster c's energies ~ N(c, 0.1^2) eV.
-
-    ``duplicates[Z] = m`` instead gives element Z only m distinct atoms (each repeated).
-    """
-    rng = np.random.default_rng(seed)
-    n_interaction = d - n_energy
-    layout = [{"name": "interaction_0", "kind": "interaction", "start": 0, "size": n_interaction}]
-    layout += [{"name": f"readout_{k}", "kind": "energy", "start": n_interaction + k, "size": 1} for k in range(n_energy)]
-    header = schema.LatentHeader(
-        model_sha256=model_sha256, model_path="synthetic.model", mace_version="0.3.16", model_type="ScaleShiftMACE",
-        r_max=5.0, e0s={head: {str(z): -10.0 * z for z in (1, 6, 7, 8)}}, heads=[head], head=head, layout=layout,
-        source_files=["synthetic.xyz"], dtype="float64", command_line="synthetic", protoalign_version="test",
-    )
-    latent, energy, numbers = [], [], []
-    for z, k in clusters.items():
-        centres = rng.normal(scale=20.0, size=(k, d))
-        for c in range(k):
-            latent.append(centres[c] + rng.normal(size=(n_per_cluster, d)))
-            energy.append(rng.normal(loc=float(c), scale=0.1, size=n_per_cluster))
-            numbers.append(np.full(n_per_cluster, z))
-    for z, m in (duplicates or {}).items():
-        distinct = rng.normal(size=(m, d))
-        latent.append(np.repeat(distinct, 5, axis=0))
-        energy.append(np.repeat(rng.normal(size=m), 5))
-        numbers.append(np.full(5 * m, z))
-    latent = np.concatenate(latent) if latent else np.zeros((0, d))
-    order = rng.permutation(len(latent))
-    n = len(order)
-    energy_minus_e0 = np.concatenate(energy)[order] if energy else np.zeros(0)
-    atomic_number = np.concatenate(numbers)[order] if numbers else np.zeros(0)
-    rows = {
-        schema.LATENT: latent[order], schema.ENERGY_MINUS_E0: energy_minus_e0,
-        schema.NODE_ENERGY: energy_minus_e0 - 10.0 * atomic_number, schema.ATOMIC_NUMBER: atomic_number,
-        schema.CONFIG_INDEX: np.arange(n), schema.ATOM_INDEX: np.zeros(n), schema.SOURCE_FILE_INDEX: np.zeros(n),
-    }
-    with h5py.File(path, "w") as handle:
-        writer = schema.LatentWriter(handle, header, d, "float64")
-        writer.append(rows, n)
-        writer.finish()
-    return path
-
-
-def build(latent_paths, out, **options):
-    """Run the library build and load the result."""
-    paths = latent_paths if isinstance(latent_paths, (list, tuple)) else [latent_paths]
-    build_prototypes(PrototypesRequest(latents=[Path(p) for p in paths], out=Path(out), **options))
-    return load_prototypes(out)
-
-
-def read_all_latents(paths) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenated latent rows, atomic numbers and energies minus E0 (eV) of latent files."""
-    parts = [schema.read_latents(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
-    return (np.concatenate([p.latent for p in parts]), np.concatenate([p.atomic_number for p in parts]),
-            np.concatenate([p.energy_minus_e0 for p in parts]))
-
-
-def assert_consistent(prototypes, latent: np.ndarray, atomic_number: np.ndarray, energy: np.ndarray) -> None:
-    """Recompute everything in plain numpy and compare with the file and with ``assign``.
-
-    Standardization from the raw latents; for every atom the nearest centroid of its element by brute
-    force; per prototype member count, energy mean/std (eV) and 95th-percentile radius.
-    """
-    prototype_id, distance = assign(prototypes, latent, atomic_number)
-    assert set(np.unique(atomic_number)) == set(prototypes.elements.tolist())
-    for e, z in enumerate(prototypes.elements):
-        rows = atomic_number == z
-        x = latent[rows][:, prototypes.columns].astype(np.float64)
-        if prototypes.standardized:
-            std = x.std(axis=0)
-            np.testing.assert_allclose(prototypes.feature_mean[e], x.mean(axis=0), rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(prototypes.feature_std[e], np.where(std > 1e-12 * np.maximum(1, abs(x.mean(0))), std, 1.0),
-                                       rtol=1e-10)
-        scaled = (x - prototypes.feature_mean[e]) / prototypes.feature_std[e]
-        ids = np.flatnonzero(prototypes.element == z)
-        all_distances = np.sqrt(((scaled[:, None, :] - prototypes.centroid[ids][None, :, :]) ** 2).sum(axis=2))
-        nearest = all_distances.argmin(axis=1)
-        sorted_distances = np.sort(all_distances, axis=1)
-        clear = (sorted_distances[:, 1] - sorted_distances[:, 0] > 1e-9) if len(ids) > 1 else np.ones(len(x), bool)
-        assert clear.mean() > 0.99
-        np.testing.assert_array_equal(prototype_id[rows][clear], ids[nearest][clear])
-        np.testing.assert_allclose(distance[rows], sorted_distances[:, 0], rtol=1e-9, atol=1e-9)
-        for p in ids:
-            members = prototype_id[rows] == p
-            assert prototypes.count[p] == members.sum() > 0
-            np.testing.assert_allclose(prototypes.energy_mean[p], energy[rows][members].mean(), rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(prototypes.energy_std[p], energy[rows][members].std(), rtol=1e-9, atol=1e-12)
-            np.testing.assert_allclose(prototypes.radius[p], np.percentile(distance[rows][members], 95), rtol=1e-12)
-    assert prototypes.count.sum() == len(atomic_number)
-
-
-def file_contents(path: Path) -> dict:
-    """Every attribute and dataset of an HDF5 file, as Python values."""
-    contents = {}
-    with h5py.File(path, "r") as handle:
-        def visit(name, obj):
-            for key, value in obj.attrs.items():
-                contents[f"{name}@{key}"] = value.tolist() if hasattr(value, "tolist") else value
-            if isinstance(obj, h5py.Dataset):
-                contents[name] = obj[()].tolist()
-        visit("/", handle)
-        handle.visititems(visit)
-    return contents
 
 
 def extract_latents(model, configs, out, max_configs=None) -> Path:
@@ -343,17 +231,6 @@ def test_assign_checks_its_input(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def run_cli(*args):
-    return CliRunner().invoke(main, ["prototypes", *map(str, args)])
-
-
-def assert_one_line_error(result, match: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("Error: ") and match in lines[-1], result.output
-    assert "Traceback" not in result.output
-
-
 @pytest.mark.parametrize("other, what", [
     (dict(model_sha256="b" * 64), "model"),
     (dict(head="other"), "head"),
@@ -375,6 +252,7 @@ def test_mixing_latent_files_is_refused(tmp_path, other, what):
     (["--k", "many"], "--k must be a positive integer"),
     (["--k-grid", "0,4"], "--k-grid"),
     (["--niter", "0"], "--niter"),
+    (["--sample-atoms", "0"], "--sample-atoms must be >= 1"),
 ])
 def test_bad_options_are_refused(tmp_path, options, match):
     latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2})
@@ -418,8 +296,6 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
 
 
 def test_gpu_request_falls_back_to_the_cpu_with_a_message(tmp_path):
-    from protoalign_cli.prototypes import gpu_available
-
     if gpu_available():
         pytest.skip("FAISS sees a GPU here")
     latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2})

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from protoalign_cli.bench import DEFAULT_JOBS, DEFAULT_OUT_ROOT
+
 
 @click.command("bench")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: bench_runs/<config name>). Rerunning resumes: finished runs are kept.")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Runs at once (subprocesses).")
+              help=f"Output folder (default: {DEFAULT_OUT_ROOT}/<config name>). Rerunning resumes: finished runs are kept.")
+@click.option("--jobs", type=int, default=DEFAULT_JOBS, show_default=True, help="Runs at once (subprocesses).")
 @click.option("--slurm", is_flag=True, help="Prepare splits and source, then write OUT/bench.sbatch (an array job, one task per run) instead of running.")
 @click.option("--sbatch-option", "sbatch_options", multiple=True, metavar="TEXT",
               help="With --slurm: an extra #SBATCH line (repeatable), e.g. --sbatch-option=--gres=gpu:1.")
@@ -25,13 +27,15 @@ def bench_command(config, out, jobs, slurm, sbatch_options, only, run_index, exp
     Writes OUT/runs.csv, OUT/summary.md (mean ± sd over seeds, paired % difference to plain
     fine-tuning) and OUT/learning_curve.png. See benchmarks/configs/ for examples.
     """
-    from protoalign_cli.bench import BenchLayout, execute_run, load_config, run_grid, write_slurm_script
+    from protoalign_cli.bench.config import load_config
+    from protoalign_cli.bench.layout import default_out
+    from protoalign_cli.bench.schedule import execute_run, run_grid, write_slurm_script
 
     settings = load_config(config)
-    out = out or Path("bench_runs") / settings.name
+    out = out or default_out(settings)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     if run_index is not None:
-        result = execute_run(settings, BenchLayout(out), run_index, expect_run)
+        result = execute_run(settings, out, run_index, expect_run)
         click.echo(f"{result['method']} N={result['n_train']} seed={result['seed']}: test energy MAE "
                    f"{result['energy_mae_mev']:.2f} meV, force MAE {result['force_mae_mev_per_a']:.2f} meV/Å")
         return

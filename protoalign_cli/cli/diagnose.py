@@ -8,6 +8,13 @@ from pathlib import Path
 import click
 
 from protoalign_cli.cli.options import batch_size_option, device_option, overwrite_option
+from protoalign_cli.diagnose.settings import (
+    DEFAULT_ENERGY_KEY,
+    DEFAULT_MAP_METHOD,
+    DEFAULT_RADIUS_FACTOR,
+    DEFAULT_SPREAD_THRESHOLD_MEV,
+    MAP_METHODS,
+)
 
 COVERAGE_FAILURE_EXIT = 2
 
@@ -23,14 +30,14 @@ COVERAGE_FAILURE_EXIT = 2
 @click.option("--foundation-model", default=None, metavar="PATH|NAME",
               help="Pretrained model (default: the prototype file's model path); must match its sha256.")
 @click.option("--energy-key", default=None,
-              help="Info key of the reference energy (eV) [default: REF_energy; if absent the predictor is skipped, "
-                   "while an explicitly given key that no configuration has is an error].")
-@click.option("--map", "map_method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
+              help=f"Info key of the reference energy (eV) [default: {DEFAULT_ENERGY_KEY}; if absent the predictor is "
+                   "skipped, while an explicitly given key that no configuration has is an error].")
+@click.option("--map", "map_method", type=click.Choice(MAP_METHODS), default=DEFAULT_MAP_METHOD, show_default=True,
               help="2-D map of the latent space (tsne needs scikit-learn).")
-@click.option("--radius-factor", type=float, default=1.5, show_default=True,
+@click.option("--radius-factor", type=float, default=DEFAULT_RADIUS_FACTOR, show_default=True,
               help="An atom is covered when distance <= factor x radius of its nearest prototype.")
-@click.option("--spread-threshold", "spread_threshold", type=float, default=50.0, show_default=True,
-              help="Flag prototypes whose source members' energy std exceeds this (meV).")
+@click.option("--spread-threshold", "spread_threshold", type=float, default=DEFAULT_SPREAD_THRESHOLD_MEV,
+              show_default=True, help="Flag prototypes whose source members' energy std exceeds this (meV).")
 @click.option("--fail-below-coverage", type=float, default=None, metavar="X",
               help=f"Exit with status {COVERAGE_FAILURE_EXIT} (after writing the report) when coverage < X.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -49,13 +56,12 @@ def diagnose_command(prototypes, configs, model, model_head, foundation_model, e
         radius_factor=radius_factor, spread_threshold_meV=spread_threshold,
         fail_below_coverage=fail_below_coverage, device=device, batch_size=batch_size, overwrite=overwrite,
     )
-    summary = run_diagnose(request)
-    results = summary["results"]
-    for line in results["verdict"]:
+    results = run_diagnose(request)
+    for line in results.verdict:
         click.echo(line)
     click.echo(f"report: {out / 'report.md'}")
-    if fail_below_coverage is not None and results["coverage"]["overall"] < fail_below_coverage:
-        click.echo(f"Error: coverage {results['coverage']['overall']:.3f} is below {fail_below_coverage:g}", err=True)
+    if fail_below_coverage is not None and results.coverage.overall < fail_below_coverage:
+        click.echo(f"Error: coverage {results.coverage.overall:.3f} is below {fail_below_coverage:g}", err=True)
         sys.exit(COVERAGE_FAILURE_EXIT)
 
 

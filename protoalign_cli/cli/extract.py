@@ -44,7 +44,7 @@ def extract_command(model, configs, out, device, dtype, batch_size, head, max_co
     energies (eV); see docs/schema.md.
     """
     from protoalign_cli.extract import ExtractRequest, run_extract
-    from protoalign_cli.structures import parse_shard
+    from protoalign_cli.io.structures import parse_shard
 
     request = ExtractRequest(
         model=model, configs=[Path(c) for c in configs], out=out, device=device, dtype=dtype,

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import click
 
+from protoalign_cli.errors import ProtoalignError
+from protoalign_cli.mace.latents import DEFAULT_BATCH_SIZE
+
+
+def at_least_one(ctx, param, value):
+    """Click callback: refuse an integer below 1 with ``Error: --<option> must be >= 1`` (exit status 1)."""
+    if value is not None and value < 1:
+        raise ProtoalignError(f"{param.opts[0]} must be >= 1")
+    return value
+
+
 model_option = click.option(
     "--model", required=True, metavar="PATH|NAME",
     help="MACE checkpoint file, or a foundation name mace-torch downloads (small, medium, small_off, medium_off, ...).",
@@ -16,6 +27,7 @@ dtype_option = click.option(
     help="Floating-point precision of the model evaluation.",
 )
 batch_size_option = click.option(
-    "--batch-size", type=int, default=32, show_default=True, help="Configurations per model evaluation."
+    "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, callback=at_least_one,
+    help="Configurations per model evaluation.",
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")

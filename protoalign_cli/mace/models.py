@@ -16,9 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from protoalign_cli.errors import ProtoalignError
-from protoalign_cli.provenance import sha256_file
+from protoalign_cli.io.provenance import sha256_file
 
 MACE_OFF_NAMES = ("small_off", "medium_off", "large_off")
+PRETRAINING_HEAD = "pt_head"  # the replay head of MACE's multihead fine-tuning
+
+
+def exception_line(exc: BaseException) -> str:
+    """``<type>: <message>`` of an exception on one line (runs of whitespace, newlines included, become one space)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def foundation_names() -> list[str]:
@@ -48,7 +54,7 @@ def resolve_model_path(model: str) -> Path:
         return _download_foundation(model)
     except Exception as exc:  # network errors come in many types
         raise ProtoalignError(
-            f"could not obtain foundation model {model!r} ({type(exc).__name__}: {exc}); "
+            f"could not obtain foundation model {model!r} ({exception_line(exc)}); "
             "without network, download it elsewhere and pass its path"
         ) from exc
 
@@ -91,7 +97,7 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):
     try:
         model = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:
-        raise ProtoalignError(f"cannot load MACE checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise ProtoalignError(f"cannot load MACE checkpoint {path}: {exception_line(exc)}") from exc
     missing = [name for name in ("interactions", "products", "readouts", "atomic_energies_fn") if not hasattr(model, name)]
     if not isinstance(model, torch.nn.Module) or missing:
         raise ProtoalignError(f"{path} is not a MACE model checkpoint (it holds a {type(model).__name__})")

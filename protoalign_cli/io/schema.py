@@ -220,7 +220,7 @@ def read_latents(path: Path) -> Latents:
 
 
 # ============================================================================ Prototype file
-# Written by ``protoalign prototypes`` (protoalign_cli/prototypes.py); documented in docs/schema.md.
+# Written by ``protoalign prototypes`` (protoalign_cli/prototypes/build.py); documented in docs/schema.md.
 
 PROTOTYPES_KIND = "protoalign-prototypes"
 PROTOTYPES_SCHEMA_VERSION = 1

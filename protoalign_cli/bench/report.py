@@ -1,0 +1,177 @@
+"""The outputs of a bench from its finished runs: runs.csv, summary.md (mean ± sd over seeds, paired %
+difference to the baseline) and learning_curve.png."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from protoalign_cli.bench.layout import DONE, BenchLayout, plan_runs, read_done
+from protoalign_cli.bench.stats import mean_sd, paired_percent_differences
+from protoalign_cli.io.outputs import atomic_output
+
+if TYPE_CHECKING:
+    from protoalign_cli.bench.config import BenchConfig
+
+CSV_COLUMNS = ("method", "setting", "n_train", "seed", "energy_mae_mev", "energy_rmse_mev",
+               "energy_mae_mev_per_atom", "energy_rmse_mev_per_atom", "force_mae_mev_per_a",
+               "force_rmse_mev_per_a", "valid_energy_mae_mev", "valid_force_mae_mev_per_a",
+               "wall_time_s", "device", "energy_mean_error_mev", "energy_mae_valid_shifted_mev",
+               "valid_energy_mae_shifted_mev")
+MEAN_COLUMNS = ("energy_mae_mev", "energy_mae_mev_per_atom", "force_mae_mev_per_a", "valid_energy_mae_mev", "wall_time_s",
+                "energy_mae_valid_shifted_mev", "valid_energy_mae_shifted_mev")
+DELTA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a", "energy_mae_valid_shifted_mev")
+CURVE_COLUMNS = {"energy_mae_mev": "test energy MAE (meV)",
+                 "energy_mae_valid_shifted_mev": "test energy MAE, validation offset removed (meV)",
+                 "force_mae_mev_per_a": "test force MAE (meV/Å)"}
+
+
+def collect_rows(config: BenchConfig, layout: BenchLayout) -> list[dict]:
+    """runs.csv rows of every finished run, then the rows of the methods that train nothing (``select``:
+    within their own budgets and seeds)."""
+    rows = []
+    for run in plan_runs(config):
+        done = read_done(layout.run_dir(run) / DONE)
+        if done is not None:
+            rows.append({column: done[column] for column in CSV_COLUMNS if column in done})
+    for method in config.methods:
+        rows += method.derived_rows(rows)
+    return rows
+
+
+def summarize(config: BenchConfig, layout: BenchLayout) -> dict[str, str]:
+    """Write runs.csv, summary.md and learning_curve.png from the finished runs; return their paths."""
+    rows = collect_rows(config, layout)
+    outputs = {"runs_csv": layout.out / "runs.csv", "summary": layout.out / "summary.md",
+               "learning_curve": layout.out / "learning_curve.png"}
+    with atomic_output(outputs["runs_csv"], overwrite=True) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_output(outputs["summary"], overwrite=True) as tmp:
+        tmp.write_text(summary_markdown(config, rows))
+    if rows:
+        with atomic_output(outputs["learning_curve"], overwrite=True) as tmp:
+            plot_learning_curve(rows, [m.name for m in config.methods], tmp)
+    return {key: str(path) for key, path in outputs.items()}
+
+
+def aggregate(rows: Sequence[dict], method: str, n_train: int, baseline: str | None) -> dict:
+    """Mean ± sd over seeds of one method at one budget, and paired % differences to the baseline
+    (``delta_<column>``: mean, sd, number of pairs)."""
+    mine = {r["seed"]: r for r in rows if r["method"] == method and r["n_train"] == n_train}
+    base = {r["seed"]: r for r in rows if r["method"] == baseline and r["n_train"] == n_train}
+    result = {"n_seeds": len(mine)}
+    for column in MEAN_COLUMNS:
+        result[column] = mean_sd([r[column] for r in mine.values() if column in r])
+    for column in DELTA_COLUMNS:
+        diffs = paired_percent_differences({s: r[column] for s, r in mine.items() if column in r},
+                                           {s: r[column] for s, r in base.items() if column in r})
+        result[f"delta_{column}"] = mean_sd(diffs) + (len(diffs),)
+    return result
+
+
+def plus_minus(pair: tuple, digits: int = 1, sign: bool = False) -> str:
+    """'mean ± sd' with ``digits`` decimals ('–' for no mean, the mean alone for no sd)."""
+    mean, sd = pair[0], pair[1]
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return text if math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
+
+
+def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
+    """The summary table (mean ± sd over seeds per method × N, paired % difference to the baseline)."""
+    lines = [*_header(config),
+             "| method | setting | N | seeds | E MAE (meV) | E MAE (meV/atom) | F MAE (meV/Å) | ΔE vs baseline (%) "
+             "| ΔF vs baseline (%) | E MAE shifted (meV) | ΔE shifted (%) | valid E MAE (meV) | valid E MAE shifted (meV) "
+             "| train time (s) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method in config.methods:
+        for n in sorted({r["n_train"] for r in rows if r["method"] == method.name}):
+            lines.append(_table_row(config, method, n, aggregate(rows, method.name, n, config.baseline)))
+    for method in config.methods:
+        lines += method.summary_notes(rows)
+    trained = [r for r in rows if config.method(r["method"]).trains]
+    devices = sorted({str(r.get("device")) for r in rows})
+    lines += ["", f"Runs finished: {len(trained)} of {len(plan_runs(config))}; device(s): {', '.join(devices) or '–'}; "
+              f"total training time {sum(float(r['wall_time_s']) for r in trained):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _header(config: BenchConfig) -> list[str]:
+    """The title and the paragraphs above the summary table."""
+    split = config.split
+    return [
+        f"# Bench {config.name}", "",
+        f"Foundation model `{config.foundation_model}`; target {', '.join(f'`{p}`' for p in config.target_files)}; "
+        f"time-separated split per file: pool frames [{split.pool[0]}, {split.pool[1]}), validation "
+        f"[{split.valid[0]}, {split.valid[1]}) every {split.valid_stride}, test [{split.test[0]}, {split.test[1]}). "
+        "Training sets: the first N of a seeded permutation of the pool (nested over N for one seed).",
+        "",
+        f"Shared mace_run_train arguments: `{' '.join(config.mace_args)}`.",
+        "Each run's model is the one mace writes (lowest validation loss; EMA weights with --ema), evaluated in "
+        "float64 with MACECalculator on the test set. Errors: mean ± sd over seeds (no sd for one seed); Δ: paired per-seed "
+        f"difference to `{config.baseline}` in %, mean ± sd (negative = better). E MAE shifted: the test energy MAE after "
+        "subtracting the model's mean validation error, i.e. without a constant offset (chosen without the test set).",
+        *(["", config.notes] if config.notes else []),
+        "",
+    ]
+
+
+def _table_row(config: BenchConfig, method, n_train: int, stats: dict) -> str:
+    """One line of the summary table: a method at budget ``n_train`` (``stats`` from ``aggregate``)."""
+    is_base = method.name == config.baseline
+    setting = method.setting if method.trains else "see below"
+
+    def delta(column: str) -> str:
+        return "–" if is_base else plus_minus(stats[f"delta_{column}"], sign=True)
+
+    return (f"| {method.name} | {setting or '–'} | {n_train} | {stats['n_seeds']} | {plus_minus(stats['energy_mae_mev'])} | "
+            f"{plus_minus(stats['energy_mae_mev_per_atom'], 2)} | {plus_minus(stats['force_mae_mev_per_a'])} | "
+            f"{delta('energy_mae_mev')} | {delta('force_mae_mev_per_a')} | "
+            f"{plus_minus(stats['energy_mae_valid_shifted_mev'])} | {delta('energy_mae_valid_shifted_mev')} | "
+            f"{plus_minus(stats['valid_energy_mae_mev'], 2)} | {plus_minus(stats['valid_energy_mae_shifted_mev'], 2)} | "
+            f"{stats['wall_time_s'][0]:.0f} |")
+
+
+def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path) -> None:
+    """Test energy MAE, energy MAE without the validation offset, and force MAE vs N (log-log), mean ± sd
+    over seeds, one line per method (PNG).
+
+    Methods are drawn with distinct markers and a small horizontal offset so identical curves stay visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    figure, axes = plt.subplots(1, len(CURVE_COLUMNS), figsize=(15, 4))
+    drawn = [m for m in methods if any(r["method"] == m for r in rows)]
+    for position, method in enumerate(drawn):
+        budgets = sorted({r["n_train"] for r in rows if r["method"] == method})
+        offset = 1.0 + 0.015 * (position - (len(drawn) - 1) / 2)
+        for axis, column in zip(axes, CURVE_COLUMNS):
+            stats = [mean_sd([r[column] for r in rows if r["method"] == method and r["n_train"] == n and column in r])
+                     for n in budgets]
+            axis.errorbar([n * offset for n in budgets], [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats],
+                          marker="osD^vP*X"[position % 8], linestyle=("-", "--", ":", "-.")[position % 4], capsize=3,
+                          label=method)
+    for axis, label in zip(axes, CURVE_COLUMNS.values()):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        for scale in (axis.xaxis, axis.yaxis):
+            scale.set_major_formatter(ScalarFormatter())
+            scale.set_minor_formatter(ScalarFormatter())
+        axis.set_xlabel("training configurations N")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=120)
+    plt.close(figure)

@@ -1,0 +1,219 @@
+"""Running a bench: the grid locally (``--jobs`` subprocesses, one per run), one run of it (what each
+subprocess or SLURM array task executes), and the SLURM array script."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from protoalign_cli.bench import DEFAULT_JOBS
+from protoalign_cli.bench.command import MODEL_NAME, cli_command, run_logged, training_command
+from protoalign_cli.bench.data import prepare_splits
+from protoalign_cli.bench.evaluate import complete_metrics, evaluate_model, shifted_metrics
+from protoalign_cli.bench.layout import (DONE, BenchLayout, Run, check_fingerprint, claimed, lock_holder, plan_runs,
+                                         read_done, reuse_finished, run_fingerprint, write_done)
+from protoalign_cli.bench.report import summarize
+from protoalign_cli.bench.source import method_products, prepare_source
+from protoalign_cli.errors import ProtoalignError
+from protoalign_cli.io.outputs import atomic_output
+from protoalign_cli.io.provenance import run_summary, write_summary
+
+if TYPE_CHECKING:
+    from protoalign_cli.bench.config import BenchConfig
+
+
+def prepare(config: BenchConfig, out: Path, say=print) -> tuple[BenchLayout, list[Run], dict[str, Path]]:
+    """Create the output folder, split files and source products; return the layout, runs and products."""
+    layout = BenchLayout(out)
+    runs = plan_runs(config)
+    (layout.out / "logs").mkdir(parents=True, exist_ok=True)
+    prepare_splits(config, layout, runs)
+    products = prepare_source(config, layout, say)
+    return layout, runs, products
+
+
+def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print, only: Sequence[str] = ()) -> dict:
+    """Run every unfinished run, ``jobs`` at a time (subprocesses), then write the summaries.
+
+    Each run is a ``protoalign bench CONFIG --out OUT --run-index I`` subprocess (as in a SLURM
+    array), its output in logs/. ``only``: run just these methods' runs this time (the summaries
+    still cover every finished run). Returns {"done", "ran", "failed", "outputs"}.
+    """
+    if jobs < 1:
+        raise ProtoalignError("--jobs must be >= 1")
+    trained = [m.name for m in config.methods if m.trains]
+    unknown = [name for name in only if name not in trained]
+    if unknown:
+        raise ProtoalignError(f"--only {unknown[0]}: not a trained method of {config.path.name} ({', '.join(trained)})")
+    layout, runs, products = prepare(config, out, say)
+    todo, n_done = _runs_to_do(config, layout, [r for r in runs if not only or r.method in only], len(runs), products, say)
+    say(f"{len(runs)} runs{' (' + ', '.join(only) + ' only)' if only else ''}: {n_done} already done, "
+        f"{len(todo)} to run, {jobs} at a time")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    failed = _schedule(config, layout, todo, jobs, env, len(runs), say)
+    outputs = summarize(config, layout)
+    result = {"done": n_done + len(todo) - len(failed), "ran": len(todo) - len(failed), "failed": [r.label for r in failed],
+              "outputs": outputs}
+    if failed:
+        raise ProtoalignError(f"{len(failed)} run(s) failed ({', '.join(r.label for r in failed)}); "
+                              f"see {layout.out / 'logs'}; rerun the same command to retry only those")
+    return result
+
+
+def _runs_to_do(config: BenchConfig, layout: BenchLayout, runs: list[Run], total: int, products: dict[str, Path],
+                say) -> tuple[list[Run], int]:
+    """The runs still to train, and how many are done (reused from another bench or finished here; their
+    fingerprints checked and newer metrics added). Runs another live process holds are skipped."""
+    todo, n_done = [], 0
+    for run in runs:
+        fingerprint = run_fingerprint(config, layout, run, products)
+        done = read_done(layout.run_dir(run) / DONE)
+        if done is None:
+            done = reuse_finished(config, layout, run, fingerprint)
+            if done is not None:
+                say(f"[{run.index + 1}/{total}] {run.label}: reused from {done.get('reused_from', 'another bench')}")
+        holder = lock_holder(layout.lock(run))
+        if done is not None:
+            check_fingerprint(done, fingerprint, layout.run_dir(run))
+            complete_metrics(config, layout, run, say)
+            n_done += 1
+        elif holder is not None:
+            say(f"[{run.index + 1}/{total}] {run.label}: being run by {holder}, skipped")
+        else:
+            todo.append(run)
+    return todo, n_done
+
+
+def _schedule(config: BenchConfig, layout: BenchLayout, todo: list[Run], jobs: int, env: dict, total: int, say) -> list[Run]:
+    """Run ``todo`` as subprocesses, at most ``jobs`` at once; one progress line per state change."""
+    pending, active, failed = list(todo), {}, []
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                log = open(layout.log(run), "w")
+                argv = cli_command("bench", str(config.path), "--out", str(layout.out), "--run-index", str(run.index),
+                                   "--expect-run", f"{run.method}/{run.key}")
+                process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                active[run] = (process, log, time.perf_counter())
+                say(f"[{run.index + 1}/{total}] {run.label}: running")
+            time.sleep(0.2)
+            for run, (process, log, start) in list(active.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del active[run]
+                done = read_done(layout.run_dir(run) / DONE)
+                elapsed = time.perf_counter() - start
+                if process.returncode == 0 and done is not None:
+                    say(f"[{run.index + 1}/{total}] {run.label}: done in {elapsed:.0f} s, test energy MAE "
+                        f"{done['energy_mae_mev']:.1f} meV, force MAE {done['force_mae_mev_per_a']:.1f} meV/Å")
+                else:
+                    failed.append(run)
+                    say(f"[{run.index + 1}/{total}] {run.label}: FAILED after {elapsed:.0f} s (see {layout.log(run)})")
+    except BaseException:
+        for process, log, _ in active.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)  # the run and the trainer it started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            log.close()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return failed
+
+
+def _terminate(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}")
+
+
+def execute_run(config: BenchConfig, out: Path, index: int, expected: str | None = None) -> dict:
+    """Train and evaluate run ``index`` of the grid in bench folder ``out`` (unless done); write its
+    done.json; return it.
+
+    ``expected`` ('<method>/N<N>_seed<s>') guards against a config edited since the index was chosen.
+    A lock file (``BenchLayout.lock``) keeps two processes from running the same run.
+    """
+    layout = BenchLayout(out)
+    runs = plan_runs(config)
+    if not 0 <= index < len(runs):
+        raise ProtoalignError(f"--run-index {index} is outside 0..{len(runs) - 1}")
+    run = runs[index]
+    if expected is not None and expected != f"{run.method}/{run.key}":
+        raise ProtoalignError(f"run {index} of {config.path.name} is now {run.label}, not {expected}: was the config edited?")
+    products = method_products(config.method(run.method), config, layout)
+    missing = [p for p in (layout.train_file(run.n_train, run.seed), layout.valid_file, layout.test_file, *products.values())
+               if not p.is_file()]
+    if missing:
+        raise ProtoalignError(f"{missing[0]} is missing; run `protoalign bench {config.path}` (or with --slurm) first to prepare")
+    fingerprint = run_fingerprint(config, layout, run, products)
+    folder = layout.run_dir(run)
+    done = read_done(folder / DONE)
+    if done is not None:
+        check_fingerprint(done, fingerprint, folder)
+        return done
+    with claimed(layout.lock(run), run.label):
+        return _train_and_evaluate(config, layout, run, products, fingerprint)
+
+
+def _train_and_evaluate(config: BenchConfig, layout: BenchLayout, run: Run, products: dict[str, Path], fingerprint: str) -> dict:
+    """Train one run in a fresh folder, evaluate its model on test and validation, write done.json."""
+    folder = layout.run_dir(run)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    command = training_command(config, layout, run, products)
+    wall = run_logged(command, folder / "train.log", cwd=folder)
+    model_path = folder / f"{MODEL_NAME}.model"
+    if not model_path.is_file():
+        raise ProtoalignError(f"{run.label}: training finished but wrote no {model_path}")
+    start = time.perf_counter()
+    test, valid = evaluate_model(config, layout, model_path)
+    method = config.method(run.method)
+    result = {
+        "method": run.method, "kind": method.kind, "setting": method.setting, "n_train": run.n_train, "seed": run.seed,
+        **{k: v for k, v in test.items() if k != "energy_errors_mev"}, **shifted_metrics(test, valid),
+        "valid_energy_mae_mev": valid["energy_mae_mev"], "valid_force_mae_mev_per_a": valid["force_mae_mev_per_a"],
+        "wall_time_s": round(wall, 1), "eval_time_s": round(time.perf_counter() - start, 1),
+        "device": device_name(config.device), "evaluated_model": f"{MODEL_NAME}.model (lowest validation loss)",
+        "fingerprint": fingerprint, "command": command,
+    }
+    write_summary(folder / "run_summary.json", run_summary("bench-run", {"config": str(config.path), "run": run.label}, result))
+    write_done(folder / DONE, result, overwrite=False)
+    return result
+
+
+def device_name(device: str) -> str:
+    """A readable name of the device runs train on."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def write_slurm_script(config: BenchConfig, out: Path, say=print, sbatch_options: Sequence[str] = ()) -> Path:
+    """Prepare splits and source, then write an array-job script (one task per unfinished run)."""
+    layout, runs, _ = prepare(config, out, say)
+    todo = [r.index for r in runs if read_done(layout.run_dir(r) / DONE) is None]
+    script = layout.out / "bench.sbatch"
+    array = ",".join(str(i) for i in todo) or "0"
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=bench-{config.name}", f"#SBATCH --array={array}",
+             f"#SBATCH --output={layout.out / 'logs'}/slurm-%A_%a.log", *(f"#SBATCH {o}" for o in sbatch_options),
+             "# one task per unfinished run; afterwards rerun the same command without --slurm to summarise",
+             "set -euo pipefail",
+             shlex.join(cli_command("bench", str(config.path), "--out", str(layout.out), "--run-index")) + " $SLURM_ARRAY_TASK_ID",
+             ""]
+    with atomic_output(script, overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines))
+    return script

@@ -1,0 +1,1 @@
+"""Files protoalign reads and writes: HDF5 schemas, structure files, atomic outputs, run provenance."""

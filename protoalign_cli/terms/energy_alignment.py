@@ -1,0 +1,207 @@
+"""The prototype energy alignment term: its per-atom weights, the term, and its ``LossTerm``.
+
+For target-training atoms i with energy-minus-E0 ε_i (eV) in the model being trained, the
+nearest prototype p(i) in the pretrained latent space, its mean energy ε*_p (eV) and a weight
+w_i >= 0, the term added to MACE's loss is
+
+    λ(epoch) · Σ_i w_i r_i² / Σ_i w_i        (eV²),   r_i = ε_i − ε*_p(i)
+
+('absolute'), or with r_i replaced by r_i minus the weighted batch mean of r over the atoms of
+the same element ('centered': only the within-element variation of the per-atom partition is
+aligned, so a per-element offset between levels of theory costs nothing).
+
+Weights (computed once, numpy) fall with the distance d_i to the prototype, measured in units of
+the prototype's radius R_p (95th percentile of its members' distances) times ``cutoff``:
+'hard' w = 1 if d <= cutoff·R else 0; 'gaussian' w = exp(−(d / (cutoff·R))² / 2). With a spread
+scale S (eV) a prototype whose members' energies spread by σ_p is down-weighted by 1/(1+(σ_p/S)²).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from protoalign_cli.errors import ProtoalignError
+from protoalign_cli.terms.base import (
+    AtomTargets,
+    LossTerm,
+    ScheduleSettings,
+    TermBatch,
+    TermValue,
+    reduce_weighted_mean,
+)
+from protoalign_cli.terms.target_atoms import TargetAtoms
+
+WEIGHTINGS = ("gaussian", "hard")
+REFERENCES = ("centered", "absolute")
+DEFAULT_WEIGHT = 0.01  # inert in every bench of docs/results.md; no λ there beat plain fine-tuning
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentSettings(ScheduleSettings):
+    """The options of the energy alignment term (see the module docstring for their meaning).
+
+    Besides the λ schedule (``weight`` λ on a term in eV², warmup, decay): ``weighting`` 'gaussian'
+    or 'hard'; ``cutoff`` multiplies the prototype radius; ``spread_scale`` (eV) or None;
+    ``reference`` 'centered' or 'absolute'.
+    """
+
+    weight: float = DEFAULT_WEIGHT
+    weighting: str = "gaussian"
+    cutoff: float = 1.0
+    spread_scale: float | None = None
+    reference: str = "centered"
+
+
+def distance_weights(distance: np.ndarray, radius: np.ndarray, cutoff: float, weighting: str) -> np.ndarray:
+    """Per-atom weight in [0, 1] from the distance to the assigned prototype and that prototype's radius.
+
+    Distances and radii are in the same (standardized latent) units. A prototype of radius 0
+    gives weight 1 only to atoms exactly on it.
+    """
+    distance = np.asarray(distance, dtype=np.float64)
+    scale = cutoff * np.asarray(radius, dtype=np.float64)
+    ratio = np.divide(distance, scale, out=np.where(distance > 0, np.inf, 0.0), where=scale > 0)
+    if weighting == "hard":
+        return (ratio <= 1.0).astype(np.float64)
+    return np.exp(-0.5 * ratio**2)
+
+
+def spread_weights(energy_std: np.ndarray, spread_scale: float | None) -> np.ndarray:
+    """Down-weighting 1/(1+(σ/S)²) of prototypes whose member energies spread by σ (eV); 1 when S is None."""
+    energy_std = np.asarray(energy_std, dtype=np.float64)
+    if spread_scale is None:
+        return np.ones_like(energy_std)
+    return 1.0 / (1.0 + (energy_std / spread_scale) ** 2)
+
+
+def atom_targets_and_weights(prototype_id: np.ndarray, distance: np.ndarray, radius: np.ndarray,
+                             energy_mean: np.ndarray, energy_std: np.ndarray,
+                             settings: AlignmentSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Per-atom target ε* (eV) and weight w from assignments to prototypes (global ids, -1 = none).
+
+    Atoms without a prototype get target 0 and weight 0. Per-prototype arrays are indexed by id.
+    """
+    prototype_id = np.asarray(prototype_id, dtype=np.int64)
+    assigned = prototype_id >= 0
+    safe = np.where(assigned, prototype_id, 0)
+    target = np.where(assigned, np.asarray(energy_mean, dtype=np.float64)[safe], 0.0)
+    weight = distance_weights(distance, np.asarray(radius)[safe], settings.cutoff, settings.weighting)
+    weight = weight * spread_weights(np.asarray(energy_std)[safe], settings.spread_scale)
+    return target, np.where(assigned, weight, 0.0)
+
+
+def centered_residual(residual, weight, element_index, n_elements: int):
+    """Subtract, per element, the weighted mean of the residual (eV) over the given atoms (torch).
+
+    Elements whose weights sum to 0 are left unchanged (their atoms carry no weight anyway).
+    """
+    import torch
+
+    weighted_sum = torch.zeros(n_elements, dtype=residual.dtype, device=residual.device)
+    weighted_sum = weighted_sum.index_add(0, element_index, weight * residual)
+    weight_sum = torch.zeros(n_elements, dtype=weight.dtype, device=weight.device).index_add(0, element_index, weight)
+    mean = torch.where(weight_sum > 0, weighted_sum / weight_sum.clamp_min(torch.finfo(weight.dtype).tiny), 0.0)
+    return residual - mean[element_index]
+
+
+def alignment_residual(energy_minus_e0, target, weight, element_index, n_elements: int, reference: str):
+    """Per-atom residual ε − ε* (eV), centered per element when ``reference`` is 'centered' (torch)."""
+    residual = energy_minus_e0 - target
+    if reference == "centered":
+        return centered_residual(residual, weight, element_index, n_elements)
+    return residual
+
+
+def alignment_term(energy_minus_e0, target, weight, element_index, n_elements: int, reference: str, ddp: bool):
+    """The weighted mean squared residual (eV²) and its parts (Σ w r², Σ w, both detached) of one batch."""
+    residual = alignment_residual(energy_minus_e0, target, weight, element_index, n_elements, reference)
+    weighted_square_sum = (weight * residual.square()).sum()
+    weight_sum = weight.sum()
+    term = reduce_weighted_mean(weighted_square_sum, weight_sum, ddp)
+    return term, weighted_square_sum.detach(), weight_sum.detach()
+
+
+class EnergyAlignmentTerm(LossTerm):
+    """Pulls each target atom's energy minus E0 in the trained model toward its prototype's mean (eV²)."""
+
+    name = "energy_alignment"
+    option_prefix = "--align"
+    sum_names = ("weighted_square_sum", "weight_sum")
+    lambda_key = "lambda"
+    settings_key = "settings"
+    log_name = "align"
+
+    def __init__(self, settings: AlignmentSettings, targets: AtomTargets):
+        super().__init__(settings, targets)
+        self._e0_table = None  # torch [n_heads, n_elements], eV, float64
+
+    @classmethod
+    def check_settings(cls, settings: AlignmentSettings) -> None:
+        """The schedule's checks, then the weighting's."""
+        super().check_settings(settings)
+        if settings.weighting not in WEIGHTINGS:
+            raise ProtoalignError(f"--align-weighting must be one of {', '.join(WEIGHTINGS)}")
+        if not settings.cutoff > 0:
+            raise ProtoalignError(f"--align-cutoff must be > 0, got {settings.cutoff}")
+        if settings.spread_scale is not None and not settings.spread_scale > 0:
+            raise ProtoalignError(f"--align-spread-scale must be > 0 (eV), got {settings.spread_scale}")
+        if settings.reference not in REFERENCES:
+            raise ProtoalignError(f"--align-reference must be one of {', '.join(REFERENCES)}")
+
+    @classmethod
+    def build(cls, settings: AlignmentSettings, atoms: TargetAtoms, prototypes) -> "EnergyAlignmentTerm":
+        """Targets ε*: the assigned prototypes' ``energy_mean`` (eV); weights from distance and spread."""
+        target, weight = atom_targets_and_weights(
+            atoms.assignment.prototype_id, atoms.assignment.distance, prototypes.radius,
+            prototypes.energy_mean, prototypes.energy_std, settings,
+        )
+        return cls(settings, AtomTargets(target[:, None], weight))
+
+    def attach_model(self, model) -> None:
+        """Read the E0s (eV, per head and element) of the model being trained."""
+        import torch
+
+        if not hasattr(model, "atomic_energies_fn"):
+            raise ProtoalignError(f"{type(model).__name__} has no atomic energies; "
+                                  "the alignment term needs an energy model")
+        heads = list(getattr(model, "heads", None) or ["Default"])
+        e0 = model.atomic_energies_fn.atomic_energies.detach().to(device="cpu", dtype=torch.float64)
+        self._e0_table = e0.reshape(len(heads), -1)
+
+    def compute(self, batch: TermBatch) -> TermValue:
+        """Σ w r² / Σ w of the batch (eV²), r from ``node_energy`` minus the trained model's own E0."""
+        import torch
+
+        if self._e0_table is None:
+            raise RuntimeError("protoalign: the loss was called before the model was configured")
+        e0_table = self._e0_table.to(batch.weight.device)
+        e0 = e0_table[batch.node_heads, batch.element_index]
+        energy_minus_e0 = batch.pred["node_energy"].to(torch.float64) - e0
+        term, weighted_square_sum, weight_sum = alignment_term(
+            energy_minus_e0, batch.target[:, 0], batch.weight, batch.element_index, e0_table.shape[1],
+            self.settings.reference, batch.ddp,
+        )
+        return TermValue(term, {"weighted_square_sum": weighted_square_sum, "weight_sum": weight_sum})
+
+    def summarize(self, sums: dict[str, float]) -> dict:
+        """``align``: the weighted mean (eV², None without weight); ``weight``: Σ w."""
+        weight_sum = sums["weight_sum"]
+        return {"align": sums["weighted_square_sum"] / weight_sum if weight_sum > 0 else None, "weight": weight_sum}
+
+    def format_value(self, record: dict) -> str:
+        """The weighted mean in eV² and as an rms in meV."""
+        value = record["align"]
+        if value is None:
+            return "n/a (no weighted atoms)"
+        return f"{value:.4e} eV^2 ({1e3 * math.sqrt(value):.1f} meV rms)"
+
+    def describe(self) -> str:
+        """One line with the settings of the term."""
+        s = self.settings
+        decay = "" if s.decay == "none" else f", decay={s.decay} over {s.decay_epochs} epochs"
+        spread = "" if s.spread_scale is None else f", spread_scale={s.spread_scale} eV"
+        return (f"lambda={s.weight}, warmup_epochs={s.warmup_epochs}{decay}, weighting={s.weighting}, "
+                f"cutoff={s.cutoff}x radius{spread}, reference={s.reference}")
