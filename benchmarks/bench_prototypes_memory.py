@@ -7,7 +7,7 @@ command line in a subprocess (wall and CPU time, peak RSS of that process), then
 deleted (3 x 10^7 atoms x 256 float32 is ~31 GB: give --workdir a disk with room). The load
 average is recorded with each build, since on a shared machine wall time measures the other jobs.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_prototypes_memory.py --atoms 1000000 10000000 --workdir /tmp/pmem
+    OMP_NUM_THREADS=2 python benchmarks/bench_prototypes_memory.py --atoms 1000000 10000000 --workdir pmem_work
 
 Results go to docs/benchmarks.md (section "prototypes from a SPICE-sized source") by hand.
 """
