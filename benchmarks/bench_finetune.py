@@ -55,7 +55,7 @@ def write_data(out: Path, n_train: int, seed: int) -> tuple[Path, Path, Path]:
 def build_prototypes(out: Path, source: Path) -> Path:
     """``protoalign extract`` + ``protoalign prototypes`` (default options) over the source geometries."""
     latents, prototypes = out / "source_latents.h5", out / "prototypes.h5"
-    protoalign = [sys.executable, "-m", "protoalign_cli"]
+    protoalign = [sys.executable, "-m", "protoalign_cli.cli"]
     subprocess.run([*protoalign, "extract", "--model", str(MODEL), "--configs", str(source), "--out", str(latents),
                     "--overwrite"], check=True)
     subprocess.run([*protoalign, "prototypes", str(latents), "--out", str(prototypes), "--overwrite"], check=True)
@@ -94,7 +94,7 @@ def run_side(kind: str, work_dir: Path, args: list[str], prototypes: Path, align
     if kind == "plain":
         command = [sys.executable, "-c", "from mace.cli.run_train import main; main()", *args]
     else:
-        command = [sys.executable, "-m", "protoalign_cli", "finetune", "--prototypes", str(prototypes),
+        command = [sys.executable, "-m", "protoalign_cli.cli", "finetune", "--prototypes", str(prototypes),
                    "--align-weight", str(align_weight), "--", *args]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -24,10 +23,19 @@ from protoalign_cli import __version__
 from protoalign_cli.io import schema
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.mace.latents import ReadoutCapture, rows_for_atoms
-from protoalign_cli.mace.models import describe_model, import_mace_quietly, load_model, resolve_model_path, scalar_slices
+from protoalign_cli.mace.models import (
+    ModelInfo,
+    default_dtype,
+    describe_model,
+    import_mace_quietly,
+    load_model,
+    resolve_model_path,
+    scalar_slices,
+)
 from protoalign_cli.io.outputs import check_writable, partial_path
 from protoalign_cli.io.provenance import command_line, package_version, run_summary, write_summary
 from protoalign_cli.io.structures import iter_selected, scan_structures, selected_indices
+from protoalign_cli.progress import progress
 
 
 @dataclass
@@ -45,7 +53,7 @@ class ExtractRequest:
     shard: tuple[int, int] = (0, 1)
     resume: bool = False
     overwrite: bool = False
-    progress: bool | None = None  # None: a bar only on a TTY
+    progress: bool = True  # on stderr: a bar on a terminal, a line every few seconds in a log (protoalign_cli.progress)
 
 
 def summary_path(out: Path) -> Path:
@@ -54,37 +62,47 @@ def summary_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def run_extract(request: ExtractRequest) -> dict:
-    """Extract latents for the selected configurations into ``request.out`` (HDF5); return a summary.
+def check_request(request: ExtractRequest) -> list[Path]:
+    """Raise ProtoalignError for whatever is wrong without looking at the model; return the structure files.
 
-    The file is written under a temporary name (``.NAME.partial``) and renamed when complete; an
-    interrupted run (Ctrl-C, SIGTERM from a batch scheduler) keeps it, and ``resume`` continues
-    it from the last complete batch. Any other failure removes it. A JSON run summary is written
-    beside the output (``summary_path``).
+    Cheap on purpose: it runs before torch and mace are imported, so a typo fails in a second.
     """
-    import_mace_quietly()
-    import h5py
-    import torch
-    from mace.tools import torch_geometric
-    from mace.tools.torch_tools import default_dtype
-    from tqdm import tqdm
-
     if request.batch_size < 1:
         raise ProtoalignError("--batch-size must be >= 1")
     if request.max_configs is not None and request.max_configs < 1:
         raise ProtoalignError("--max-configs must be >= 1")
     out = Path(request.out)
+    check_writable(out, request.overwrite, file=True)
     tmp = partial_path(out)
-    check_writable(out, request.overwrite)
     if tmp.exists() and not (request.resume or request.overwrite):
         raise ProtoalignError(f"an interrupted run left {tmp}; pass --resume to continue it or --overwrite to start over")
     configs = [Path(p) for p in request.configs]
     if not configs:
         raise ProtoalignError("give at least one --configs file")
-    resolved = [str(p.resolve()) for p in configs]
+    resolved = [p.resolve() for p in configs]
     if len(set(resolved)) < len(resolved):
         raise ProtoalignError("the same --configs file is given more than once")
+    for path in configs:
+        if not path.is_file():
+            raise ProtoalignError(f"structure file {path} does not exist")
+    return configs
 
+
+@dataclass
+class _Plan:
+    """The loaded model and what it will be run on."""
+
+    model: object
+    model_path: Path
+    info: ModelInfo
+    head: str
+    counts: list[int]
+    selection: list[int]
+    header: schema.LatentHeader
+
+
+def _plan(request: ExtractRequest, configs: list[Path]) -> _Plan:
+    """Load the model, check the head and every input structure against it, and choose the configurations."""
     model_path = resolve_model_path(request.model)
     model = load_model(model_path, request.device, request.dtype)
     info = describe_model(model, model_path)
@@ -100,48 +118,39 @@ def run_extract(request: ExtractRequest) -> dict:
         model_type=info.model_type, r_max=info.r_max,
         e0s={h: {str(z): e for z, e in d.items()} for h, d in info.e0_by_head().items()},
         heads=list(info.heads), head=head, layout=[vars(b) for b in info.layout],
-        source_files=resolved, dtype=request.dtype, command_line=command_line(),
+        source_files=[str(p.resolve()) for p in configs], dtype=request.dtype, command_line=command_line(),
         protoalign_version=__version__, shard=f"{request.shard[0]}/{request.shard[1]}", n_configs_selected=len(selection),
         atomic_inter_scale=info.scale_by_head(), atomic_inter_shift=info.shift_by_head(),
     )
+    return _Plan(model, model_path, info, head, counts, selection, header)
+
+
+def run_extract(request: ExtractRequest) -> dict:
+    """Extract latents for the selected configurations into ``request.out`` (HDF5); return a summary.
+
+    The file is written under a temporary name (``.NAME.partial``) and renamed when complete; an
+    interrupted run (Ctrl-C, SIGTERM from a batch scheduler) keeps it and raises KeyboardInterrupt
+    (its message says so), and ``resume`` continues it from the last complete batch. Any other
+    failure removes it. A JSON run summary is written beside the output (``summary_path``).
+    """
+    configs = check_request(request)
+    import_mace_quietly()
+    plan = _plan(request, configs)
+    out = Path(request.out)
+    tmp = partial_path(out)
     resuming = request.resume and tmp.exists()
     if resuming:
-        _check_resumable(tmp, header)
+        _check_resumable(tmp, plan.header)
     elif tmp.exists():
         tmp.unlink()
-    slices = scalar_slices(model)
-    capture = ReadoutCapture(model)
-    show_bar = sys.stderr.isatty() if request.progress is None else request.progress
-    configs_before = 0
+    capture = ReadoutCapture(plan.model)
     try:
-        with _sigterm_as_interrupt(), h5py.File(tmp, "a" if resuming else "w") as handle:
-            writer = schema.LatentWriter(handle, header, info.latent_dim, request.dtype)
-            writer.truncate_to_progress()
-            configs_before = writer.configs_done
-            todo = selection[writer.configs_done:]
-            buffer = RowBuffer(writer)
-            with default_dtype(request.dtype), torch.no_grad(), tqdm(
-                total=len(selection), initial=writer.configs_done, unit="config", disable=not show_bar, desc="extract"
-            ) as bar:
-                pending: list = []
-                try:
-                    for item in iter_selected(configs, counts, todo):
-                        pending.append(item)
-                        if len(pending) == request.batch_size:
-                            _write_batch(model, capture, slices, info, head, pending, buffer, request.device, torch_geometric)
-                            bar.update(len(pending))
-                            pending = []
-                    if pending:
-                        _write_batch(model, capture, slices, info, head, pending, buffer, request.device, torch_geometric)
-                        bar.update(len(pending))
-                except KeyboardInterrupt:
-                    buffer.flush()  # keep the batches already computed
-                    raise
-            buffer.flush()
-            writer.finish()
-            n_atoms = writer.n_rows
+        with _sigterm_as_interrupt():
+            n_atoms, configs_before = _write_latents(request, plan, configs, capture, tmp, resuming)
     except KeyboardInterrupt:
-        raise ProtoalignError(f"interrupted; {tmp} kept, rerun with --resume to continue") from None
+        if not tmp.exists():
+            raise
+        raise KeyboardInterrupt(f"{tmp} kept, rerun with --resume to continue") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -149,13 +158,55 @@ def run_extract(request: ExtractRequest) -> dict:
     finally:
         capture.remove()
     os.replace(tmp, out)
-    result = {"out": str(out), "n_configs": len(selection), "n_atoms": n_atoms, "model_sha256": info.sha256,
-              "head": head, "resumed_after_configs": configs_before}
-    inputs = {"model": str(model_path), "configs": resolved, "head": head, "device": request.device,
-              "dtype": request.dtype, "batch_size": request.batch_size, "max_configs": request.max_configs,
-              "shard": header.shard, "resume": request.resume}
+    result = {"out": str(out), "n_configs": len(plan.selection), "n_atoms": n_atoms, "model_sha256": plan.info.sha256,
+              "head": plan.head, "resumed_after_configs": configs_before}
+    inputs = {"model": str(plan.model_path), "configs": plan.header.source_files, "head": plan.head,
+              "device": request.device, "dtype": request.dtype, "batch_size": request.batch_size,
+              "max_configs": request.max_configs, "shard": plan.header.shard, "resume": request.resume}
     write_summary(summary_path(out), run_summary("extract", inputs, result))
     return result
+
+
+def _write_latents(request: ExtractRequest, plan: _Plan, configs: list[Path], capture: ReadoutCapture, tmp: Path,
+                   resuming: bool) -> tuple[int, int]:
+    """Run the model over the configurations not yet in ``tmp`` and append their rows; (atoms in all, configs before)."""
+    import h5py
+    import torch
+    from mace.tools import torch_geometric
+
+    slices = scalar_slices(plan.model)
+    with h5py.File(tmp, "a" if resuming else "w") as handle:
+        writer = schema.LatentWriter(handle, plan.header, plan.info.latent_dim, request.dtype)
+        writer.truncate_to_progress()
+        configs_before = writer.configs_done
+        buffer = RowBuffer(writer)
+        with default_dtype(request.dtype), torch.no_grad(), progress(
+            total=len(plan.selection), desc="extract", unit="config", initial=configs_before, enabled=request.progress
+        ) as bar:
+            try:
+                for pending in _batches(iter_selected(configs, plan.counts, plan.selection[configs_before:]),
+                                        request.batch_size):
+                    _write_batch(plan.model, capture, slices, plan.info, plan.head, pending, buffer, request.device,
+                                 torch_geometric)
+                    bar.update(len(pending))
+            except KeyboardInterrupt:
+                buffer.flush()  # keep the batches already computed
+                raise
+        buffer.flush()
+        writer.finish()
+        return writer.n_rows, configs_before
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter)."""
+    pending: list = []
+    for item in items:
+        pending.append(item)
+        if len(pending) == size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
 
 
 @contextlib.contextmanager

@@ -41,3 +41,21 @@ def assert_untouched(folder: Path, before: dict[str, bytes]) -> None:
     assert sorted(after) == sorted(before), (sorted(set(after) ^ set(before)))
     changed = [name for name in before if after[name] != before[name]]
     assert not changed, changed
+
+
+def unwritable_folder(folder: Path) -> Path:
+    """A folder nobody may write into: ``folder/locked`` made read-only, or /sys when (as root) modes do
+    not stop writes (skips the test when neither works)."""
+    import pytest
+
+    locked = folder / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (locked / "probe").touch()
+    except PermissionError:
+        return locked
+    (locked / "probe").unlink()
+    if not Path("/sys").is_dir():
+        pytest.skip("running as root without /sys: no folder is unwritable")
+    return Path("/sys")

@@ -25,9 +25,8 @@ from protoalign_cli.terms.energy_alignment import (
     alignment_term,
     atom_targets_and_weights,
     centered_residual,
-    distance_weights,
-    spread_weights,
 )
+from protoalign_cli.terms.weighting import distance_weights, spread_weights
 
 
 def test_lambda_schedule_warmup_and_decays():

@@ -13,11 +13,10 @@ from click.testing import CliRunner
 
 from helpers import assert_one_line_error
 
-from protoalign_cli.bench.command import training_command
 from protoalign_cli.bench.config import load_config
 from protoalign_cli.bench.data import prepare_splits, training_order
 from protoalign_cli.bench.evaluate import shifted_metrics
-from protoalign_cli.bench.layout import BenchLayout, claimed, lock_holder, plan_runs, run_fingerprint
+from protoalign_cli.bench.layout import BenchLayout, claimed, lock_holder, plan_runs, run_fingerprint, training_command
 from protoalign_cli.bench.methods import parse_method
 from protoalign_cli.bench.report import CSV_COLUMNS, collect_rows, summary_markdown
 from protoalign_cli.bench.source import prepare_source, source_products
@@ -176,7 +175,8 @@ def test_training_commands_per_method(tmp_path, tiny_model, molecules_xyz):
         assert f"--train_file {layout.train_file(6, 1)} --valid_file {layout.valid_file}" in text
         assert "--seed 1" in text and "--max_num_epochs 1" in text and "--test_file" not in text
         assert ("--foundation_model" in text) == (name != "scratch")
-    assert commands["al"][3:9] == ["finetune", "--prototypes", str(products["prototypes"]), "--align-weight", "0.001",
+    assert Path(commands["al"][0]).name == "protoalign"
+    assert commands["al"][1:7] == ["finetune", "--prototypes", str(products["prototypes"]), "--align-weight", "0.001",
                                    "--align-weighting"]
     assert "--multiheads_finetuning True --pt_train_file" in " ".join(commands["multihead"])
     assert "--force_mh_ft_lr True" in " ".join(commands["multihead"])
@@ -216,6 +216,7 @@ def test_source_frames_restrict_the_source_structures(tmp_path, tiny_model, mole
     import ase.io
 
     text = write_config(tmp_path, tiny_model, molecules_xyz, NAIVE_ALIGN).read_text()
+    text = text.replace("prototypes_args: [--k, '2']", "prototypes_args: [--k, '1']")  # 4 frames hold one N atom
     (tmp_path / "bench.yaml").write_text(text.replace("  prototypes_args:", "  frames: [2, 10]\n  configs_per_file: 4\n  prototypes_args:"))
     config = load_config(tmp_path / "bench.yaml")
     layout = BenchLayout(tmp_path / "out")
@@ -245,6 +246,57 @@ def test_summary_reports_paired_differences_and_selection(tmp_path, tiny_model, 
     assert "| align-1e-2 | λ=0.01 | 6 | 2 | 12.0 ± 4.2 | 2.40 ± 0.85 | 42.0 ± 2.8 | -17.5 ± 10.6 | +5.0 ± 7.1 |" in text
     assert "| naive | – | 6 | 2 | 15.0 ± 7.1 |" in text
     assert "- N=6 seed=1: align-1e-2 (validation energy MAE 9.00 meV)" in text
+
+
+def drawn_tick_labels(figure) -> list[tuple[float, str, float]]:
+    """(tick value, label text, axis span) of every labelled tick inside the view of every axis, after an Agg draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure).draw()
+    labels = []
+    for ax in figure.axes:
+        for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            low, high = sorted(limits)
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if low <= tick.get_loc() <= high and tick.label1.get_visible() and tick.label1.get_text():
+                    labels.append((tick.get_loc(), tick.label1.get_text(), high - low))
+    return labels
+
+
+@pytest.mark.parametrize("spread", [0.001, 0.01, 0.3, 2000.0])
+def test_learning_curve_ticks_read_true_values(spread):
+    """Close values on a log axis once got offset-less labels ("0.070" for 756.670 meV): every drawn
+    label must read its tick's value, for close and for wide ranges alike."""
+    from protoalign_cli.bench.report import CURVE_COLUMNS, learning_curve_figure
+
+    rows = [{"method": method, "n_train": n, "seed": seed,
+             **{column: 756.67 + spread * step / 4 + shift for column in CURVE_COLUMNS}}
+            for step, n in enumerate((10, 20, 50, 100)) for seed in (0, 1)
+            for method, shift in (("naive", 0.0), ("align", spread / 10))]
+    labels = drawn_tick_labels(learning_curve_figure(rows, ["naive", "align"]))
+    assert labels
+    for value, text, span in labels:
+        assert float(text.replace("\N{MINUS SIGN}", "-")) == pytest.approx(value, abs=span / 100), (value, text)
+
+
+def test_summary_paths_are_relative_to_where_the_bench_ran(tmp_path, tiny_model, molecules_xyz, monkeypatch):
+    """A config's paths are resolved against its own folder; the summary shows them relative to the
+    working directory (as typed there), never as the machine's absolute paths."""
+    import shutil
+
+    from protoalign_cli.bench.report import shown_path
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "configs").mkdir()
+    shutil.copy(tiny_model, tmp_path / "shared" / "tiny.model")
+    shutil.copy(molecules_xyz, tmp_path / "shared" / "molecules.xyz")
+    write_config(tmp_path / "configs", Path("../shared/tiny.model"), Path("../shared/molecules.xyz"), NAIVE_ALIGN)
+    monkeypatch.chdir(tmp_path)
+    text = summary_markdown(load_config(Path("configs/bench.yaml")), [])
+    assert "Foundation model `shared/tiny.model`; target `shared/molecules.xyz`;" in text
+    assert str(tmp_path) not in text
+    assert shown_path(Path("/elsewhere/m.model"), tmp_path) == "/elsewhere/m.model"
+    assert shown_path(tmp_path.parent / "sibling" / "m.model", tmp_path) == "../sibling/m.model"
 
 
 def test_select_by_offset_free_validation_error():
@@ -480,3 +532,43 @@ def test_multihead_lora_freeze_train_on_tiny_model(tmp_path, tiny_model, molecul
     run_bench(config, "--out", tmp_path / "out", "--jobs", "2")
     with open(tmp_path / "out" / "runs.csv") as handle:
         assert [r["method"] for r in csv.DictReader(handle)] == ["naive", "multihead", "lora", "freeze"]
+
+
+def test_a_run_with_a_stage_two_is_evaluated_on_its_stage_two_model(tmp_path):
+    from protoalign_cli.bench.layout import final_model
+
+    (tmp_path / "model.model").write_text("stage one")
+    assert final_model(tmp_path) == tmp_path / "model.model"
+    (tmp_path / "model_stagetwo.model").write_text("stage two")
+    assert final_model(tmp_path) == tmp_path / "model_stagetwo.model"
+
+
+def test_offset_refit_changes_only_the_energies_of_a_run(tmp_path, tiny_model, molecules_xyz):
+    methods = """  - {method: naive}
+  - {name: naive-refit, method: naive, refit_offset: true}"""
+    config = write_config(tmp_path, tiny_model, molecules_xyz, methods)
+    (tmp_path / "bench.yaml").write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
+    out = tmp_path / "out"
+    output = run_bench(config, "--out", out, "--jobs", "1")
+    with open(out / "runs.csv") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    plain, refit = rows["naive"], rows["naive-refit"]
+    assert not (out / "runs" / "naive-refit" / "N6_seed0" / "train.log").exists(), output  # naive's training reused
+    assert refit["wall_time_s"] == plain["wall_time_s"]
+    assert refit["setting"] == "offset refit" and plain["setting"] == ""
+    assert float(refit["force_mae_mev_per_a"]) == pytest.approx(float(plain["force_mae_mev_per_a"]), rel=1e-9)
+    assert float(refit["energy_mae_mev"]) != pytest.approx(float(plain["energy_mae_mev"]), rel=1e-6)
+    done = json.loads((out / "runs" / "naive-refit" / "N6_seed0" / "done.json").read_text())
+    assert done["evaluated_model"] == "model_refit.model" and done["offset_refit"]["configurations"] == 6
+    assert done["trained_by"] == "runs/naive/N6_seed0"
+    assert done["offset_refit"]["rmse_after"] < done["offset_refit"]["rmse_before"]
+    assert done["fingerprint"] != json.loads((out / "runs" / "naive" / "N6_seed0" / "done.json").read_text())["fingerprint"]
+
+
+def test_refit_offset_is_refused_where_nothing_trains(tmp_path, tiny_model, molecules_xyz):
+    from protoalign_cli.bench.config import load_config
+
+    methods = """  - {method: naive}
+  - {name: best, method: select, from: [naive], refit_offset: true}"""
+    with pytest.raises(ProtoalignError, match="refit_offset applies to methods that train"):
+        load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -10,7 +14,8 @@ from protoalign_cli.diagnose.diagnostics.atom_energies import AgreementTable, At
 from protoalign_cli.diagnose.diagnostics.coverage import CoverageResult, ElementCoverage
 from protoalign_cli.diagnose.diagnostics.predictor import PredictorErrors, PredictorResult
 from protoalign_cli.diagnose.results import verdict_lines
-from protoalign_cli.prototypes.assignment import distance_ratio
+from protoalign_cli.io.schema import read_latents
+from protoalign_cli.prototypes.assignment import assign, distance_ratio
 
 
 def test_distance_ratio_divides_by_the_assigned_radius():
@@ -220,3 +225,137 @@ def test_verdict(changes, safe, reason):
 def test_verdict_says_when_prototype_energies_cannot_help(changes, expect_no_gain):
     lines, _ = verdict_lines(*_results(**changes))
     assert ("expect no gain in energy error from alignment" in lines[-1]) is expect_no_gain
+
+
+# ----------------------------------------------------------------------------- structure and figures
+
+DIAGNOSE_PACKAGE = Path(__file__).resolve().parents[1] / "protoalign_cli" / "diagnose"
+
+
+def diagnose_import_graph() -> dict[str, set[str]]:
+    """Module → the protoalign_cli.diagnose modules it imports (any from-import: top level, in functions or
+    under TYPE_CHECKING). A package's implicit import of its parents is not an edge."""
+    root = DIAGNOSE_PACKAGE.parents[1]
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in DIAGNOSE_PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules)
+        graph[module] = targets - {module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order), or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target, path + [target])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node, [node])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_diagnose_modules_import_one_way():
+    graph = diagnose_import_graph()
+    assert "protoalign_cli.diagnose.figures" in graph and graph["protoalign_cli.diagnose.results"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    assert not any(target.startswith("protoalign_cli.diagnose.diagnostics")
+                   for target in graph["protoalign_cli.diagnose.figures"])
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """40 prototypes per element (H, C) built from synthetic latents, and those atoms as a target of
+    which the first 50 of each element are pushed far from every prototype (not covered)."""
+    from prototype_files import build, write_synthetic_latents
+
+    folder = tmp_path_factory.mktemp("crowded")
+    latents_path = write_synthetic_latents(folder / "source.h5", {1: 40, 6: 40}, n_per_cluster=25)
+    prototypes = build(latents_path, folder / "prototypes.h5", k=40)
+    latents = read_latents(latents_path)
+    latent = latents.latent.copy()
+    for z in (1, 6):
+        latent[np.flatnonzero(latents.atomic_number == z)[:50]] += 200.0
+    prototype_id, distance = assign(prototypes, latent, latents.atomic_number)
+    ratio = distance_ratio(distance, prototype_id, prototypes.radius)
+    return SimpleNamespace(folder=folder, prototypes=prototypes, latent=latent, z=latents.atomic_number,
+                           prototype_id=prototype_id, ratio=ratio)
+
+
+def drawn(figure) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure).draw()
+
+
+def test_map_numbers_few_prototypes_draws_source_atoms_and_names_every_kind_of_point(crowded):
+    from protoalign_cli.diagnose.figures import map_figure
+    from protoalign_cli.diagnose.settings import MAP_NUMBERED_PROTOTYPES
+    from protoalign_cli.diagnose.source_atoms import sample_source_atoms
+
+    source = sample_source_atoms(crowded.prototypes, per_element=300)
+    assert source.note == "" and sorted(np.unique(source.atomic_number, return_counts=True)[1]) == [300, 300]
+    figure = map_figure(crowded.prototypes, crowded.latent, crowded.z, crowded.prototype_id, crowded.ratio, 1.5,
+                        "pca", source)
+    drawn(figure)
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert len(panels) == 2
+    for ax in panels:
+        numbers = [int(text.get_text()) for text in ax.texts]
+        assert 0 < len(numbers) <= MAP_NUMBERED_PROTOTYPES
+        sizes = sorted(len(collection.get_offsets()) for collection in ax.collections)
+        assert sizes == sorted([300, 1000 - 50, 50, 40])  # source, target covered / not covered, centroids
+    (legend,) = figure.legends
+    texts = " | ".join(text.get_text() for text in legend.get_texts())
+    for fragment in ("source atoms (a sample)", "target atoms, covered", "target atoms, not covered", "prototype centroids"):
+        assert fragment in texts, texts
+
+
+def test_map_says_when_the_source_latent_file_is_gone(crowded, tmp_path):
+    import shutil
+
+    from protoalign_cli.diagnose.figures import map_figure
+    from protoalign_cli.diagnose.source_atoms import sample_source_atoms
+    from protoalign_cli.prototypes.assignment import load_prototypes
+
+    shutil.copy(crowded.folder / "prototypes.h5", tmp_path / "prototypes.h5")
+    prototypes = load_prototypes(tmp_path / "prototypes.h5")
+    prototypes.latent_files = [{**record, "path": "source.h5"} for record in prototypes.latent_files]
+    source = sample_source_atoms(prototypes, per_element=10)
+    assert len(source.atomic_number) == 0 and source.note == "source.h5 not found"
+    shutil.copy(crowded.folder / "source.h5", tmp_path / "source.h5")  # beside the prototype file: found
+    assert len(sample_source_atoms(prototypes, per_element=10).atomic_number) == 20
+    figure = map_figure(prototypes, crowded.latent, crowded.z, crowded.prototype_id, crowded.ratio, 1.5, "pca",
+                        source)
+    drawn(figure)
+    assert "source atoms: not drawn (source.h5 not found)" in [t.get_text() for t in figure.legends[0].get_texts()]
+
+
+def test_ratio_histogram_legend_names_both_lines(crowded):
+    from protoalign_cli.diagnose.figures import ratio_figure
+
+    rows = {name: _element(1000, 950, True) for name in ("H", "C")}
+    figure = ratio_figure(crowded.z, [1, 6], crowded.ratio, 1.5, rows)
+    drawn(figure)
+    for ax in figure.axes:
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert labels == ["ratio 1 (the radius)", "radius factor 1.5 (covered: left)"]

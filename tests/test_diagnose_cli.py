@@ -67,7 +67,7 @@ def identical(source, tiny_model):
     with --fail-below-coverage under the coverage)."""
     out = source.folder / "identical"
     result = diagnose("--prototypes", source.prototypes, "--configs", source.target, "--energy-key", "MODEL_energy",
-                      "--model", tiny_model, "--fail-below-coverage", "0.9", "--out", out)
+                      "--finetuned-model", tiny_model, "--fail-below-coverage", "0.9", "--out", out)
     return SimpleNamespace(out=out, results=read_report(out), stdout=result.stdout)
 
 
@@ -242,7 +242,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, source, tiny_l1_model, tiny_m
                           "is not the model the prototypes were built with")
     assert_one_line_error(run("--prototypes", source.prototypes, "--configs", tmp_path / "none.xyz", "--out", tmp_path / "a"),
                           "none.xyz does not exist")
-    assert_one_line_error(run(*base, "--model", tmp_path / "none.model", "--out", tmp_path / "a"),
+    assert_one_line_error(run(*base, "--finetuned-model", tmp_path / "none.model", "--out", tmp_path / "a"),
                           "fine-tuned model", "does not exist")
     assert_one_line_error(run(*base, "--out", tmp_path / "missing" / "a"), "does not exist")
     assert_one_line_error(run(*base, "--radius-factor", "0", "--out", tmp_path / "a"), "--radius-factor")
@@ -263,7 +263,7 @@ def test_element_unknown_to_the_model_is_an_error(tmp_path, source):
     ase.io.write(tmp_path / "si.xyz", Atoms("SiH4", positions=np.eye(5, 3) * 1.5))
     result = CliRunner().invoke(main, ["diagnose", "--prototypes", str(source.prototypes), "--configs",
                                        str(tmp_path / "si.xyz"), "--out", str(tmp_path / "r")])
-    assert_one_line_error(result, "not in the model")
+    assert_one_line_error(result, "si.xyz, configuration 0: element(s) Si not in the model")
 
 
 def test_moved_foundation_model_needs_the_option_and_is_sha_checked(tmp_path, tiny_model, molecules_xyz):
@@ -278,6 +278,47 @@ def test_moved_foundation_model_needs_the_option_and_is_sha_checked(tmp_path, ti
     diagnose("--prototypes", prototypes, "--configs", molecules_xyz, "--foundation-model", elsewhere,
              "--out", tmp_path / "r")
     assert read_report(tmp_path / "r")["coverage"]["overall"] > 0.95
+
+
+def test_report_records_paths_as_given_with_their_sha256(tmp_path, source, tiny_model, monkeypatch):
+    """Relative paths stay relative and a foundation name stays a name (not mace's cache path), so a
+    committed report reads as its command was typed; the sha256s identify the files."""
+    import protoalign_cli.mace.models as models
+    from protoalign_cli.io.provenance import sha256_file
+
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    cache.mkdir()
+    work.mkdir()
+    shutil.copy(tiny_model, cache / "small.model")
+    monkeypatch.setattr(models, "_download_foundation", lambda name: cache / f"{name}.model")
+    for name, original in (("p.h5", source.prototypes), ("target.xyz", source.target), ("ft.model", tiny_model)):
+        shutil.copy(original, work / name)
+    monkeypatch.chdir(work)
+    diagnose("--prototypes", "p.h5", "--configs", "target.xyz", "--foundation-model", "small", "--finetuned-model", "ft.model",
+             "--out", "report")
+    inputs = json.loads(Path("report/report.json").read_text())["inputs"]
+    digest = sha256_file(tiny_model)
+    assert (inputs["prototypes"], inputs["configs"], inputs["model"]) == ("p.h5", ["target.xyz"], "ft.model")
+    assert inputs["foundation_model"] == "small"
+    assert inputs["foundation_model_sha256"] == inputs["model_sha256"] == digest
+    header = Path("report/report.md").read_text().split("## Verdict")[0]
+    assert str(tmp_path) not in header
+    assert f"- pretrained model: `small` (sha256 {digest[:12]}...), head Default" in header
+    assert f"- fine-tuned model: `ft.model` (sha256 {digest[:12]}...), head Default" in header
+
+
+def test_model_evaluations_and_figures_report_progress_in_a_log(tmp_path, source, tiny_model, monkeypatch):
+    """Output that is not a terminal (a log) gets plain progress lines: every update here, the interval set to 0."""
+    import protoalign_cli.progress
+
+    monkeypatch.setattr(protoalign_cli.progress, "LOG_INTERVAL_S", 0.0)
+    result = diagnose("--prototypes", source.prototypes, "--configs", source.target, "--finetuned-model", tiny_model,
+                      "--batch-size", "10", "--out", tmp_path / "r")
+    lines = result.stderr.splitlines()
+    for model in ("pretrained", "fine-tuned"):
+        assert [line.split(",")[0] for line in lines if line.startswith(f"diagnose: {model} model:")][:3] == [
+            f"diagnose: {model} model: {done}/24 configs ({100 * done / 24:.0f}%)" for done in (10, 20, 24)]
+    assert any(line.startswith("diagnose: figures: 6/6 diagnostics (100%)") for line in lines), lines
 
 
 def test_overwrite_replaces_the_report(tmp_path, source):

@@ -204,3 +204,17 @@ def test_the_bundled_example_extracts(tmp_path):
     e0 = latents.header.e0_of(latents.atomic_number)
     energy = latents.latent[:, latents.header.columns(("energy",))].sum(axis=1)
     np.testing.assert_allclose(e0 + energy + latents.header.head_shift(), latents.node_energy, rtol=0, atol=1e-10)
+
+
+def test_progress_reaches_a_log_file_as_plain_lines(tiny_model, molecules_xyz, tmp_path, monkeypatch):
+    """With stderr not a terminal (SLURM logs, a pipe) the progress is a line per update, not a tqdm bar."""
+    from protoalign_cli import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)  # a line per batch
+    out = tmp_path / "latents.h5"
+    result = run_cli("extract", "--model", tiny_model, "--configs", molecules_xyz, "--out", out, "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("extract: ")]
+    assert [line.split(" configs")[0] for line in lines] == ["extract: 8/24", "extract: 16/24", "extract: 24/24",
+                                                             "extract: 24/24"], result.stderr

@@ -111,3 +111,27 @@ def test_count_inputs_stops_at_max_configs(molecules_xyz, tmp_path):
     assert count_inputs([molecules_xyz, silicon], HCNO, 10) == [10, 0]
     with pytest.raises(ProtoalignError, match="missing.xyz does not exist"):
         count_inputs([molecules_xyz, tmp_path / "missing.xyz"], HCNO, 5)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("suffix", [".xyz", ".traj"])
+def test_non_finite_positions_are_refused_naming_file_and_configuration(tmp_path, value, suffix):
+    import ase.io
+
+    frames = ase.io.read(write_molecules(tmp_path / "m.xyz", n_configs=4), index=":")
+    frames[2].positions[1, 2] = value
+    path = tmp_path / f"bad{suffix}"
+    ase.io.write(path, frames)
+    message = f"{path}, configuration 2: non-finite positions"
+    with pytest.raises(ProtoalignError, match=message):
+        scan_structures(path, HCNO)
+    with pytest.raises(ProtoalignError, match=message):
+        list(iter_selected([path], [4], selected_indices(4, (0, 1), None)))
+
+
+@pytest.mark.parametrize("name, text", [("empty.xyz", ""), ("blank.extxyz", "\n\n"), ("empty.traj", "")])
+def test_empty_files_are_refused_with_one_wording(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ProtoalignError, match=f"^structure file {path} holds no configurations$"):
+        scan_structures(path, HCNO)

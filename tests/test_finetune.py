@@ -9,6 +9,7 @@ over its own molecules.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,11 @@ def mace_args(work_dir: Path, foundation: Path, train_file: Path, epochs: int = 
     ]
 
 
-def finetune(prototypes: Path, args: list[str], *options) -> None:
-    """Run ``protoalign finetune`` in-process and require success."""
+def finetune(prototypes: Path, args: list[str], *options) -> str:
+    """Run ``protoalign finetune`` in-process, require success; return its standard output (mace's console)."""
     result = run_cli("finetune", "--prototypes", prototypes, *options, "--", *args)
     assert result.exit_code == 0, (result.output, result.stderr, result.exception)
+    return result.stdout
 
 
 def plain_mace(args: list[str]) -> None:
@@ -95,13 +97,19 @@ def prototypes_file(tiny_model, molecules_xyz, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, molecules_xyz, prototypes_file) -> dict[str, Path]:
-    """Work folders of: plain mace_run_train, finetune at λ = 0, finetune at λ = 1 with a 3-epoch warmup."""
+    """Work folders of: plain mace_run_train, finetune at λ = 0, finetune at λ = 1 with a 3-epoch warmup
+    (--verbose). Each finetune's standard output is kept next to its folder (``<name>.stdout``)."""
     root = tmp_path_factory.mktemp("runs")
-    folders = {name: root / name for name in ("plain", "zero", "aligned")}
+    folders = {name: root / name for name in ("plain", "zero", "aligned", "latent")}
     plain_mace(mace_args(folders["plain"], tiny_model, molecules_xyz))
-    finetune(prototypes_file, mace_args(folders["zero"], tiny_model, molecules_xyz), "--align-weight", "0")
-    finetune(prototypes_file, mace_args(folders["aligned"], tiny_model, molecules_xyz),
-             "--align-weight", "1", "--align-warmup-epochs", "3")
+    stdout = finetune(prototypes_file, mace_args(folders["zero"], tiny_model, molecules_xyz), "--align-weight", "0")
+    (root / "zero.stdout").write_text(stdout)
+    stdout = finetune(prototypes_file, mace_args(folders["latent"], tiny_model, molecules_xyz), "--align-weight", "0",
+                      "--latent-weight", "0", "--latent-target", "pretrained", "--refit-offset")
+    (root / "latent.stdout").write_text(stdout)
+    stdout = finetune(prototypes_file, mace_args(folders["aligned"], tiny_model, molecules_xyz),
+                      "--align-weight", "1", "--align-warmup-epochs", "3", "--verbose")
+    (root / "aligned.stdout").write_text(stdout)
     return folders
 
 
@@ -117,6 +125,25 @@ def test_zero_weight_trains_exactly_like_plain_mace(runs):
     assert all(r["lambda"] == 0 and r["train"]["align"] > 0 for r in logged.values())
 
 
+def test_latent_term_at_zero_weight_trains_exactly_like_plain_mace_and_the_refit_is_a_separate_model(runs):
+    plain, latent = model_state(runs["plain"]), model_state(runs["latent"])
+    for name in plain:
+        assert torch.equal(plain[name], latent[name]), name
+    logged = epoch_records(records(runs["latent"]))
+    assert all(r["latent_lambda"] == 0 and r["train"]["latent"] > 0 for r in logged.values())
+    initial = next(r for r in records(runs["latent"]) if r.get("initial"))
+    assert initial["valid"]["Default"]["latent"] < 1e-20  # the 'pretrained' target is 0 at the foundation model
+    record = json.loads((runs["latent"] / "protoalign_finetune.json").read_text())
+    assert record["inputs"]["latent_settings"]["target"] == "pretrained"
+    refit = record["results"]["offset_refit"]
+    assert refit["configurations"] == 18 and refit["rmse_after"] < refit["rmse_before"]
+    assert record["results"]["model"] == str(runs["latent"] / "tiny_refit.model")
+    refit_state = torch.load(runs["latent"] / "tiny_refit.model", map_location="cpu", weights_only=False).state_dict()
+    changed = [name for name in plain if not torch.equal(plain[name], refit_state[name])]
+    assert changed == ["atomic_energies_fn.atomic_energies"]
+    assert f"fine-tuned model {runs['latent'] / 'tiny_refit.model'}" in (runs["latent"].parent / "latent.stdout").read_text()
+
+
 def test_zero_weight_in_a_fresh_work_dir_trains_exactly_like_plain_mace(tmp_path, tiny_model, molecules_xyz,
                                                                         prototypes_file):
     """Each run in its own process, finetune computing the assignment (no cache): the assignment's forward
@@ -124,10 +151,10 @@ def test_zero_weight_in_a_fresh_work_dir_trains_exactly_like_plain_mace(tmp_path
     plain_args = mace_args(tmp_path / "plain", tiny_model, molecules_xyz)
     zero_args = mace_args(tmp_path / "zero", tiny_model, molecules_xyz)
     commands = [[sys.executable, "-m", "mace.cli.run_train", *plain_args],
-                [sys.executable, "-m", "protoalign_cli", "finetune", "--prototypes", str(prototypes_file),
+                [sys.executable, "-m", "protoalign_cli.cli", "finetune", "--prototypes", str(prototypes_file),
                  "--align-weight", "0", "--", *zero_args]]
-    for command in commands:
-        process = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    processes = [subprocess.run(command, capture_output=True, text=True, timeout=600) for command in commands]
+    for process in processes:
         assert process.returncode == 0, process.stderr[-3000:]
     record = json.loads((tmp_path / "zero" / "protoalign_finetune.json").read_text())
     assert record["results"]["assignment_cache_reused"] is False
@@ -135,6 +162,21 @@ def test_zero_weight_in_a_fresh_work_dir_trains_exactly_like_plain_mace(tmp_path
     assert plain.keys() == zero.keys()
     for name in plain:
         assert torch.equal(plain[name], zero[name]), name
+    check_quiet_console(*processes, tmp_path / "zero")
+
+
+def check_quiet_console(plain: subprocess.CompletedProcess, finetune: subprocess.CompletedProcess, work_dir: Path):
+    """finetune's default console: each distinct warning once (plain mace repeats them), the epochs, the model path."""
+    def warning_messages(stderr: str) -> list[str]:
+        return [line.split("Warning: ", 1)[1] for line in stderr.splitlines() if "Warning: " in line]
+
+    repeated, shown = warning_messages(plain.stderr), warning_messages(finetune.stderr)
+    assert len(shown) == len(set(shown)) < len(repeated)  # plain: 18 warnings, 14 of them one TorchScript warning
+    assert f" INFO: Epoch {EPOCHS - 1}: head: Default, loss=" in finetune.stdout
+    assert "Atomic Energies used" not in finetune.stdout
+    assert "Atomic Energies used" in (work_dir / "logs" / "tiny_run-1.log").read_text()  # the log keeps everything
+    last_line = finetune.stdout.splitlines()[-1]
+    assert last_line.startswith(f"fine-tuning finished: fine-tuned model {work_dir / 'tiny.model'}")
 
 
 def test_positive_weight_logs_the_term_and_changes_training(runs):
@@ -154,6 +196,37 @@ def test_positive_weight_logs_the_term_and_changes_training(runs):
     assert aligned_metrics[-1] != plain_metrics[-1]
     log = next((runs["aligned"] / "logs").glob("tiny_run-1.log")).read_text()
     assert "protoalign epoch 2: lambda=0.6667 train_align=" in log
+
+
+def test_verbose_shows_the_whole_console_of_mace(runs):
+    quiet = (runs["zero"].parent / "zero.stdout").read_text()
+    verbose = (runs["aligned"].parent / "aligned.stdout").read_text()
+    assert "Atomic Energies used" in verbose and "Atomic Energies used" not in quiet
+    for stdout in (quiet, verbose):
+        assert f"Epoch {EPOCHS - 1}: head: Default, loss=" in stdout and "protoalign epoch 2: lambda=" in stdout
+
+
+def test_overwrite_replaces_an_earlier_run(runs, tmp_path, tiny_model, molecules_xyz, prototypes_file):
+    """The earlier run's files go first (without --overwrite it is refused: test_finetune_cli.py). A stale
+    checkpoint of a higher epoch would otherwise be what mace's final evaluation loads and saves as the model.
+    The assignment cache (named by content) is kept and reused."""
+    shutil.copytree(runs["zero"] / "protoalign", tmp_path / "protoalign", ignore=shutil.ignore_patterns("*.jsonl"))
+    earlier = {"checkpoints/tiny_run-1_epoch-9.pt": "not a checkpoint", "tiny.model": "an old model",
+               "results/tiny_run-1_train.txt": '{"mode": "eval", "epoch": 9, "loss": 0.1}\n',
+               "protoalign/align_tiny_run-1.jsonl": '{"event": "start", "start_epoch": 0}\n',
+               "protoalign_finetune.json": '{"results": {"status": "finished"}}\n'}
+    for name, text in earlier.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    stdout = finetune(prototypes_file, mace_args(tmp_path, tiny_model, molecules_xyz, 1), "--overwrite")
+    assert stdout.splitlines()[-1].startswith(f"fine-tuning finished: fine-tuned model {tmp_path / 'tiny.model'}")
+    assert not (tmp_path / "checkpoints" / "tiny_run-1_epoch-9.pt").exists()
+    assert [row["epoch"] for row in metrics(tmp_path)] == [None, 0]
+    assert [r.get("event") for r in records(tmp_path)].count("start") == 1
+    record = json.loads((tmp_path / "protoalign_finetune.json").read_text())
+    assert record["results"]["status"] == "finished" and record["results"]["model"] == str(tmp_path / "tiny.model")
+    assert record["results"]["assignment_cache_reused"] is True
+    assert model_state(tmp_path)  # a trained MACE model, not the earlier file
 
 
 def test_run_record(runs, prototypes_file, tiny_model):
@@ -229,7 +302,8 @@ def test_swa_stage_two_keeps_the_term(replay_swa_run):
 
 
 def test_mace_yaml_config_is_understood(tmp_path, tiny_model, molecules_xyz):
-    from protoalign_cli.finetune import parse_mace_args, target_files
+    from protoalign_cli.finetune import target_files
+    from protoalign_cli.mace.arguments import parse_mace_args
 
     config = tmp_path / "train.yaml"
     config.write_text(f"name: tiny\nfoundation_model: {tiny_model}\ntrain_file: {molecules_xyz}\n"
@@ -241,7 +315,8 @@ def test_mace_yaml_config_is_understood(tmp_path, tiny_model, molecules_xyz):
 
 
 def test_heads_dict_skips_the_replay_head(tmp_path, molecules_xyz):
-    from protoalign_cli.finetune import parse_mace_args, target_files
+    from protoalign_cli.finetune import target_files
+    from protoalign_cli.mace.arguments import parse_mace_args
 
     heads = {"dft": {"train_file": str(molecules_xyz)}, "pt_head": {"train_file": "/nonexistent.xyz"}}
     args = parse_mace_args(["--name", "x", "--heads", repr(heads)])
@@ -349,9 +424,9 @@ def test_bad_settings(option, value, pattern, tmp_path, tiny_model, molecules_xy
 
 
 def test_negative_weight_from_the_shell(tmp_path, prototypes_file):
-    """``python -m protoalign_cli`` (the torchrun entry): a one-line error and exit status 1."""
+    """``python -m protoalign_cli.cli`` (the torchrun entry): a one-line error and exit status 1."""
     process = subprocess.run(
-        [sys.executable, "-m", "protoalign_cli", "finetune", "--prototypes", str(prototypes_file),
+        [sys.executable, "-m", "protoalign_cli.cli", "finetune", "--prototypes", str(prototypes_file),
          "--align-weight", "-1", "--", "--name", "x"], capture_output=True, text=True, timeout=120,
     )
     assert process.returncode == 1
@@ -364,7 +439,8 @@ def test_negative_weight_from_the_shell(tmp_path, prototypes_file):
     ("mpi", {"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, (4, 0)),
 ])
 def test_each_rank_knows_its_gpu_before_mace_starts(launcher, environ, expected, monkeypatch):
-    from protoalign_cli.finetune import launch_rank, parse_mace_args, precompute_device
+    from protoalign_cli.finetune import precompute_device
+    from protoalign_cli.mace.arguments import launch_rank, parse_mace_args
 
     for name, value in environ.items():
         monkeypatch.setenv(name, value)

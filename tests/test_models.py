@@ -37,6 +37,17 @@ def test_a_folder_or_an_unknown_name_is_refused(tmp_path):
         resolve_model_path("no_such_model")
 
 
+def test_a_missing_model_file_is_refused_without_importing_mace():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom protoalign_cli.mace.models import resolve_model_path\n"
+            "try:\n    resolve_model_path('runs/absent.model')\nexcept Exception as exc:\n    print(exc)\n"
+            "print('mace' in sys.modules)")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == ["model file runs/absent.model does not exist", "False"]
+
+
 @pytest.mark.parametrize("name", sorted(FOUNDATION_CACHE_NAMES))
 def test_foundation_name_is_found_in_the_mace_cache_offline(name, tiny_model, molecules_xyz, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
@@ -142,3 +153,16 @@ def test_describe_model(request, fixture, names, heads, scales, shifts):
     assert info.e0s.shape == (len(heads), 4)
     assert info.e0_by_head()[heads[-1]][8] == pytest.approx(-2041.8 + 0.1 * (len(heads) - 1), abs=1e-4)
     assert info.sha256 == sha256_file(path)
+
+
+def test_default_dtype_is_restored_even_when_the_block_fails():
+    import torch
+
+    from protoalign_cli.mace.models import default_dtype
+
+    before = torch.get_default_dtype()
+    with pytest.raises(KeyboardInterrupt):
+        with default_dtype("float64" if before == torch.float32 else "float32"):
+            assert torch.get_default_dtype() != before
+            raise KeyboardInterrupt
+    assert torch.get_default_dtype() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,6 +314,46 @@ def test_corrupt_prototype_files_are_refused(tmp_path):
         del handle["faiss_index/6"]
     with pytest.raises(ProtoalignError, match="is corrupt"):
         load_prototypes(out)
+
+
+def test_fixed_k_above_an_elements_atom_count_is_refused(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2}, duplicates={8: 3})  # 240 H, 15 O atoms
+    result = run_cli(latents, "--out", tmp_path / "p.h5", "--k", "16")
+    assert_one_line_error(result, "--k 16", "Z=8 (O): 15 atoms")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.h5"]
+    assert run_cli(latents, "--out", tmp_path / "p.h5", "--k", "15").exit_code == 0
+
+
+def test_k_auto_warns_about_single_member_prototypes(tmp_path):
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 6}, n_per_cluster=1, seed=5)  # 6 lone H atoms
+    result = run_cli(latents, "--out", tmp_path / "p.h5", "--k", "auto", "--k-grid", "2,4")
+    assert result.exit_code == 0, result.output
+    prototypes = load_prototypes(tmp_path / "p.h5")
+    warning = re.search(r"warning: Z=1 \(H\): (\d+) of (\d+) prototypes have a single member", result.stderr)
+    assert warning, result.stderr
+    assert int(warning[1]) == int(np.sum(prototypes.count == 1)) > 0
+    assert int(warning[2]) == prototypes.n_prototypes
+    np.testing.assert_allclose(prototypes.radius[prototypes.count == 1], 0.0, atol=1e-5)
+    notes = json.loads(summary_path(tmp_path / "p.h5").read_text())["results"]["notes"]
+    assert any(note.startswith(warning[0]) for note in notes)
+
+
+def test_the_model_path_is_stored_absolute_so_readers_work_from_elsewhere(tmp_path, tiny_model, molecules_xyz,
+                                                                          monkeypatch):
+    import shutil
+
+    from protoalign_cli.prototypes.assignment import pretrained_model
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny_model, tmp_path / "models" / "foundation.model")
+    monkeypatch.chdir(tmp_path)
+    extract_latents("models/foundation.model", molecules_xyz, "latents.h5", max_configs=4)
+    assert run_cli("latents.h5", "--out", "p.h5", "--k", "1").exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    prototypes = load_prototypes(tmp_path / "p.h5")
+    assert prototypes.model_path == str(tmp_path.resolve() / "models" / "foundation.model")
+    assert pretrained_model(prototypes) == Path(prototypes.model_path)
 
 
 def test_error_from_a_subprocess_is_one_line_without_traceback(tmp_path):

@@ -198,3 +198,17 @@ def test_bad_shards_are_refused_and_nothing_is_written(tmp_path, case, match):
     before = snapshot(tmp_path)
     assert_one_line_error(run_cli(*inputs, "--out", tmp_path / "p.h5", "--sample-atoms", "50"), match)
     assert_untouched(tmp_path, before)
+
+
+def test_each_pass_over_the_latents_reports_progress_in_a_log(tmp_path, monkeypatch):
+    """Output piped to a file (a SLURM log): plain progress lines of the reading and the statistics pass."""
+    from protoalign_cli import progress
+
+    latents = write_synthetic_latents(tmp_path / "latents.h5", {1: 2, 6: 2}, n_per_cluster=300, seed=3)
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0)  # a line per chunk
+    result = run_cli(latents, "--out", tmp_path / "p.h5", "--k", "2", "--sample-atoms", "500")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert "\r" not in result.stderr
+    for desc in ("prototypes: reading latents", "prototypes: member statistics"):
+        assert [line for line in lines if line.startswith(f"{desc}: 1200/1200 atoms (100%)")], result.stderr

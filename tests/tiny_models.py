@@ -34,6 +34,21 @@ def build_tiny_mace(path: Path, *, hidden: str = "8x0e", heads=None, plain: bool
         avg_num_neighbors=4.0, atomic_numbers=list(ELEMENTS), correlation=2, gate=torch.nn.functional.silu,
         heads=heads, pair_repulsion=pair_repulsion,
     )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # E0s, scale and shift rounded to float32 as the tests expect, whatever an
+    # earlier test left as torch's default dtype
+    try:
+        model = _build(modules, kwargs, heads, plain)
+    finally:
+        torch.set_default_dtype(previous)
+    torch.save(model, path)
+    return path
+
+
+def _build(modules, kwargs: dict, heads: list, plain: bool):
+    """The (Scale-Shift)MACE of ``build_tiny_mace``, built in torch's default dtype and returned in float64."""
+    import torch
+
     with torch.no_grad():
         if plain:
             model = modules.MACE(**kwargs)
@@ -41,9 +56,7 @@ def build_tiny_mace(path: Path, *, hidden: str = "8x0e", heads=None, plain: bool
             scale = [0.8 + 0.3 * h for h in range(len(heads))] if len(heads) > 1 else 0.9
             shift = [0.05 * (h + 1) for h in range(len(heads))] if len(heads) > 1 else 0.07
             model = modules.ScaleShiftMACE(**kwargs, atomic_inter_scale=scale, atomic_inter_shift=shift)
-    model = model.to(torch.float64)
-    torch.save(model, path)
-    return path
+    return model.to(torch.float64)
 
 
 def write_molecules(path: Path, n_configs: int = 24, seed: int = 0, molecules=MOLECULES, rattle: float = 0.05) -> Path:

@@ -8,12 +8,12 @@ per (N, seed) and reused.
 
 Each run trains with ``mace_run_train`` (or ``protoalign finetune``), then evaluates the model
 mace writes (``<name>.model``: the checkpoint with the lowest validation loss, EMA weights when
-``--ema``) in float64 on the test and validation sets. A finished run leaves ``done.json`` with its
+``--ema``; ``<name>_stagetwo.model`` after a stage two) in float64 on the test and validation sets. A finished run leaves ``done.json`` with its
 metrics and is never redone. Energies in eV in files, errors reported in meV, meV/atom and meV/Å.
 
 Modules: config (YAML -> BenchConfig), methods (one module per method kind, and their registry),
-data (target frames, splits), source (source products), command (what a run executes), layout
-(folders, done.json, locks, fingerprints, reuse), evaluate (errors of a finished model), schedule
+data (target frames, splits), source (source products), command (how programs are run), layout
+(folders, training commands, done.json, locks, fingerprints, reuse), evaluate (errors of a finished model), schedule
 (local and SLURM execution), report (runs.csv, summary.md, learning_curve.png), stats (pure math).
 This module holds only the defaults that the command line shows, so that importing it is instant.
 """

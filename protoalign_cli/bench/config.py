@@ -108,7 +108,7 @@ def _read_mapping(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ProtoalignError(f"{path} is not valid YAML: {exc}") from None
+        raise ProtoalignError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ProtoalignError(f"{path} must hold a mapping")
     for key in REQUIRED_KEYS:

@@ -25,19 +25,26 @@ def training_order(pool_size: int, seed: int) -> np.ndarray:
 
 
 def read_target_frames(config: BenchConfig) -> list:
-    """All frames of the target files (a list of lists of ase.Atoms, one list per file)."""
-    from protoalign_cli.io.structures import iter_structures
+    """All frames of the target files (a list of lists of ase.Atoms, one list per file).
+
+    Every frame needs finite positions and the energy (``atoms.info``) and forces (``atoms.arrays``)
+    labels of the config, finite, as the training and the evaluation read them.
+    """
+    from protoalign_cli.io.structures import label_keys, read_structures
 
     split = config.split
     needed = max(split.pool[1], split.valid[1], split.test[1])
     frames = []
     for path in config.target_files:
-        atoms_list = list(iter_structures(path))
+        atoms_list = read_structures(path, "target", [config.energy_key, config.forces_key])
         if len(atoms_list) < needed:
             raise ProtoalignError(f"{path} has {len(atoms_list)} frames; the split needs {needed}")
         for i, atoms in enumerate(atoms_list):
-            if config.energy_key not in atoms.info or config.forces_key not in atoms.arrays:
-                raise ProtoalignError(f"{path}, frame {i}: no {config.energy_key}/{config.forces_key} labels")
+            for what, key, labels in (("energy", config.energy_key, atoms.info),
+                                      ("forces", config.forces_key, atoms.arrays)):
+                if key not in labels:
+                    raise ProtoalignError(f"{path}, configuration {i}: no {what} label {key!r} "
+                                          f"(keys: {', '.join(label_keys([atoms])) or 'none'})")
         frames.append(atoms_list)
     return frames
 

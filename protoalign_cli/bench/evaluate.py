@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from protoalign_cli.bench.command import MODEL_NAME
-from protoalign_cli.bench.layout import DONE, read_done
+from protoalign_cli.bench.layout import DONE, final_model, read_done
 from protoalign_cli.bench.stats import error_metrics, valid_shifted_energy_mae
 from protoalign_cli.io.outputs import atomic_output
 
@@ -79,7 +78,7 @@ def complete_metrics(config: BenchConfig, layout: BenchLayout, run: Run, say=pri
     if done is None or all(key in done for key in SHIFTED_METRICS):
         return
     origin = Path(done["reused_from"]) / "runs" / run.method / run.key if "reused_from" in done else layout.run_dir(run)
-    model_path = origin / f"{MODEL_NAME}.model"
+    model_path = final_model(origin)
     if not model_path.is_file():
         say(f"{run.label}: {model_path} is gone; its newer metrics stay empty")
         return
@@ -87,3 +86,14 @@ def complete_metrics(config: BenchConfig, layout: BenchLayout, run: Run, say=pri
     done.update(shifted_metrics(*evaluate_model(config, layout, model_path)))
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(done, indent=2) + "\n")
+
+
+def refit_offset(config: BenchConfig, train_file: Path, model_path: Path, out: Path) -> dict:
+    """Refit a trained model's E0s on its training split (``protoalign_cli.mace.offset``); the refit's record."""
+    import ase.io
+
+    from protoalign_cli.mace.offset import refit_model_offset
+
+    refit = refit_model_offset(model_path, ase.io.read(train_file, ":"), config.energy_key, None, out,
+                               device=config.device)
+    return refit.as_dict()

@@ -1,5 +1,6 @@
-"""Where a bench writes and how it keeps track of runs: the grid of runs, run folders, done.json,
-lock files, fingerprints and the reuse of identical finished runs from other bench folders."""
+"""Where a bench writes and how it keeps track of runs: the grid of runs, run folders, each run's
+training command, done.json, lock files, fingerprints and the reuse of identical finished runs
+from other bench folders."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protoalign_cli.bench import DEFAULT_OUT_ROOT
-from protoalign_cli.bench.command import training_command
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.io.outputs import atomic_output
 from protoalign_cli.io.provenance import sha256_file
@@ -23,6 +23,25 @@ if TYPE_CHECKING:
     from protoalign_cli.bench.config import BenchConfig
 
 DONE = "done.json"
+MODEL_NAME = "model"
+
+
+def trained_model(folder: Path) -> Path:
+    """The model mace ends a run with: its stage-two model when the run had a stage two (``--swa``), else its
+    model of lowest validation loss."""
+    stage_two = Path(folder) / f"{MODEL_NAME}_stagetwo.model"
+    return stage_two if stage_two.is_file() else Path(folder) / f"{MODEL_NAME}.model"
+
+
+def refit_model(folder: Path) -> Path:
+    """Where a run's trained model is saved after its offset refit."""
+    return Path(folder) / f"{MODEL_NAME}_refit.model"
+
+
+def final_model(folder: Path) -> Path:
+    """The model a run is evaluated on: the refit model when the method refits the offset, else ``trained_model``."""
+    refit = refit_model(folder)
+    return refit if refit.is_file() else trained_model(folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,21 +133,46 @@ def write_done(path: Path, done: dict, overwrite: bool) -> None:
         tmp.write_text(json.dumps(done, indent=2) + "\n")
 
 
-def run_fingerprint(config: BenchConfig, layout: BenchLayout, run: Run, products: dict[str, Path]) -> str:
+def harness_arguments(config: BenchConfig, layout: BenchLayout, run: Run) -> list[str]:
+    """The mace_run_train arguments every method shares: name, seed, split files, keys, device, mace_args."""
+    return ["--name", MODEL_NAME, "--seed", str(run.seed), "--work_dir", ".",
+            "--train_file", str(layout.train_file(run.n_train, run.seed)), "--valid_file", str(layout.valid_file),
+            "--energy_key", config.energy_key, "--forces_key", config.forces_key, "--device", config.device,
+            *config.mace_args]
+
+
+def training_command(config: BenchConfig, layout: BenchLayout, run: Run, products: dict[str, Path]) -> list[str]:
+    """The argv that trains one run (mace_run_train, or protoalign finetune for align).
+
+    ``products`` maps source-product keys to paths (at least those the run's method uses).
+    """
+    method = config.method(run.method)
+    arguments = [*harness_arguments(config, layout, run), *method.mace_arguments(config, products)]
+    return method.command(arguments, products)
+
+
+def run_fingerprint(config: BenchConfig, layout: BenchLayout, run: Run, products: dict[str, Path],
+                    with_refit: bool = True) -> str:
     """A hash of everything that defines a run's result: its command and the contents of its files.
 
     Files (split files, foundation model, the source products its method reads) enter by content,
     not by path, so an identical run of another bench folder (``reuse_runs_from``) has the same
-    fingerprint. ``products`` maps source-product keys to paths (at least the method's).
+    fingerprint. ``products`` maps source-product keys to paths (at least the method's). Without
+    ``with_refit`` it is the fingerprint of the run's training alone (as if it did not refit the offset).
     """
     used = config.method(run.method).source_products(config, layout.source_dir)
     files = {"train": layout.train_file(run.n_train, run.seed), "valid": layout.valid_file, "test": layout.test_file,
              "foundation_model": config.foundation_model, **{k: v for k, v in products.items() if k in used}}
     placeholders = {str(path): f"<{name}>" for name, path in files.items()}
+    argv = training_command(config, layout, run, products)
+    # the program enters by name; ``protoalign`` as it was first run (``python -m protoalign_cli``): runs stay valid
+    command = ["-m", "protoalign_cli", *argv[1:]] if Path(argv[0]).name == "protoalign" else argv[1:]
     parts = {
-        "command": [placeholders.get(arg, arg) for arg in training_command(config, layout, run, products)[1:]],
+        "command": [placeholders.get(arg, arg) for arg in command],
         "files": {name: sha256_file(path) for name, path in files.items()},
     }
+    if with_refit and config.method(run.method).refit_offset:  # absent otherwise: earlier fingerprints stay valid
+        parts["refit_offset"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -153,6 +197,17 @@ def reuse_finished(config: BenchConfig, layout: BenchLayout, run: Run, fingerpri
             done = {**done, "reused_from": str(other)}
             write_done(folder / DONE, done, overwrite=True)
             return done
+    return None
+
+
+def trained_twin(layout: BenchLayout, run: Run, training_fingerprint: str) -> Path | None:
+    """The folder of a finished run of this bench, of another entry, whose training is this run's
+    (its fingerprint is ``training_fingerprint``): an entry that only adds the offset refit reuses it."""
+    for done_path in sorted((layout.out / "runs").glob(f"*/{run.key}/{DONE}")):
+        done = read_done(done_path)
+        if done_path.parent != layout.run_dir(run) and done is not None and done.get("fingerprint") == training_fingerprint \
+                and trained_model(done_path.parent).is_file():
+            return done_path.parent
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -56,7 +57,7 @@ def summarize(config: BenchConfig, layout: BenchLayout) -> dict[str, str]:
         tmp.write_text(summary_markdown(config, rows))
     if rows:
         with atomic_output(outputs["learning_curve"], overwrite=True) as tmp:
-            plot_learning_curve(rows, [m.name for m in config.methods], tmp)
+            learning_curve_figure(rows, [m.name for m in config.methods]).savefig(tmp, format="png", dpi=120)
     return {key: str(path) for key, path in outputs.items()}
 
 
@@ -103,18 +104,33 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def shown_path(path: Path, start: Path | None = None) -> str:
+    """``path`` as a reader can follow it: relative to ``start`` (default: the working directory, where the
+    bench ran), unless the two share no folder but the file-system root: then absolute.
+
+    The paths of a config are resolved relative to its file; ``../shared/m.model`` typed from the
+    repository root reads the same again here, not as the machine's absolute path.
+    """
+    path, start = Path(os.path.abspath(path)), Path(os.path.abspath(start or Path.cwd()))
+    if path.parts[:2] != start.parts[:2]:
+        return str(path)
+    return os.path.relpath(path, start)
+
+
 def _header(config: BenchConfig) -> list[str]:
-    """The title and the paragraphs above the summary table."""
+    """The title and the paragraphs above the summary table (paths as ``shown_path`` gives them)."""
     split = config.split
+    targets = ", ".join(f"`{shown_path(p)}`" for p in config.target_files)
     return [
         f"# Bench {config.name}", "",
-        f"Foundation model `{config.foundation_model}`; target {', '.join(f'`{p}`' for p in config.target_files)}; "
+        f"Foundation model `{shown_path(config.foundation_model)}`; target {targets}; "
         f"time-separated split per file: pool frames [{split.pool[0]}, {split.pool[1]}), validation "
         f"[{split.valid[0]}, {split.valid[1]}) every {split.valid_stride}, test [{split.test[0]}, {split.test[1]}). "
         "Training sets: the first N of a seeded permutation of the pool (nested over N for one seed).",
         "",
         f"Shared mace_run_train arguments: `{' '.join(config.mace_args)}`.",
-        "Each run's model is the one mace writes (lowest validation loss; EMA weights with --ema), evaluated in "
+        "Each run's model is the one mace writes (lowest validation loss; EMA weights with --ema; stage two's after --swa; "
+        "E0s refit on the training split with refit_offset), evaluated in "
         "float64 with MACECalculator on the test set. Errors: mean ± sd over seeds (no sd for one seed); Δ: paired per-seed "
         f"difference to `{config.baseline}` in %, mean ± sd (negative = better). E MAE shifted: the test energy MAE after "
         "subtracting the model's mean validation error, i.e. without a constant offset (chosen without the test set).",
@@ -139,19 +155,26 @@ def _table_row(config: BenchConfig, method, n_train: int, stats: dict) -> str:
             f"{stats['wall_time_s'][0]:.0f} |")
 
 
-def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path) -> None:
+def plain_number_formatter():
+    """A tick formatter that labels each tick with its whole value in plain digits: no offset or power of ten
+    kept apart from the labels (matplotlib draws none for minor ticks, so "0.070" stood for 756.670 meV)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    return formatter
+
+
+def learning_curve_figure(rows: Sequence[dict], methods: Sequence[str]):
     """Test energy MAE, energy MAE without the validation offset, and force MAE vs N (log-log), mean ± sd
-    over seeds, one line per method (PNG).
+    over seeds, one line per method (a matplotlib Figure; ticks labelled with their true values).
 
     Methods are drawn with distinct markers and a small horizontal offset so identical curves stay visible.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
-    figure, axes = plt.subplots(1, len(CURVE_COLUMNS), figsize=(15, 4))
+    figure = Figure(figsize=(15, 4), layout="tight")
+    axes = figure.subplots(1, len(CURVE_COLUMNS))
     drawn = [m for m in methods if any(r["method"] == m for r in rows)]
     for position, method in enumerate(drawn):
         budgets = sorted({r["n_train"] for r in rows if r["method"] == method})
@@ -166,12 +189,10 @@ def plot_learning_curve(rows: Sequence[dict], methods: Sequence[str], path: Path
         axis.set_xscale("log")
         axis.set_yscale("log")
         for scale in (axis.xaxis, axis.yaxis):
-            scale.set_major_formatter(ScalarFormatter())
-            scale.set_minor_formatter(ScalarFormatter())
+            scale.set_major_formatter(plain_number_formatter())
+            scale.set_minor_formatter(plain_number_formatter())
         axis.set_xlabel("training configurations N")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
-    plt.close(figure)
+    return figure

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from protoalign_cli.bench import DEFAULT_JOBS
-from protoalign_cli.bench.command import MODEL_NAME, cli_command, run_logged, training_command
+from protoalign_cli.bench.command import cli_command, run_logged
 from protoalign_cli.bench.data import prepare_splits
-from protoalign_cli.bench.evaluate import complete_metrics, evaluate_model, shifted_metrics
-from protoalign_cli.bench.layout import (DONE, BenchLayout, Run, check_fingerprint, claimed, lock_holder, plan_runs,
-                                         read_done, reuse_finished, run_fingerprint, write_done)
+from protoalign_cli.bench.evaluate import complete_metrics, evaluate_model, refit_offset, shifted_metrics
+from protoalign_cli.bench.layout import (DONE, BenchLayout, Run, check_fingerprint, claimed, lock_holder,
+                                         plan_runs, read_done, refit_model, reuse_finished, run_fingerprint,
+                                         trained_model, trained_twin, training_command, write_done)
 from protoalign_cli.bench.report import summarize
 from protoalign_cli.bench.source import method_products, prepare_source
 from protoalign_cli.errors import ProtoalignError
@@ -173,20 +174,30 @@ def _train_and_evaluate(config: BenchConfig, layout: BenchLayout, run: Run, prod
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     command = training_command(config, layout, run, products)
-    wall = run_logged(command, folder / "train.log", cwd=folder)
-    model_path = folder / f"{MODEL_NAME}.model"
+    method = config.method(run.method)
+    twin = trained_twin(layout, run, run_fingerprint(config, layout, run, products, with_refit=False)) \
+        if method.refit_offset else None
+    if twin is not None:  # the same training, finished by another entry: its model, not a second training
+        shutil.copy2(trained_model(twin), folder / trained_model(twin).name)
+        wall, extra = read_done(twin / DONE)["wall_time_s"], {"trained_by": str(twin.relative_to(layout.out))}
+    else:
+        wall, extra = run_logged(command, folder / "train.log", cwd=folder), {}
+    model_path = trained_model(folder)
     if not model_path.is_file():
         raise ProtoalignError(f"{run.label}: training finished but wrote no {model_path}")
     start = time.perf_counter()
+    if method.refit_offset:
+        extra["offset_refit"] = refit_offset(config, layout.train_file(run.n_train, run.seed), model_path,
+                                             refit_model(folder))
+        model_path = refit_model(folder)
     test, valid = evaluate_model(config, layout, model_path)
-    method = config.method(run.method)
     result = {
         "method": run.method, "kind": method.kind, "setting": method.setting, "n_train": run.n_train, "seed": run.seed,
         **{k: v for k, v in test.items() if k != "energy_errors_mev"}, **shifted_metrics(test, valid),
         "valid_energy_mae_mev": valid["energy_mae_mev"], "valid_force_mae_mev_per_a": valid["force_mae_mev_per_a"],
         "wall_time_s": round(wall, 1), "eval_time_s": round(time.perf_counter() - start, 1),
-        "device": device_name(config.device), "evaluated_model": f"{MODEL_NAME}.model (lowest validation loss)",
-        "fingerprint": fingerprint, "command": command,
+        "device": device_name(config.device), "evaluated_model": model_path.name,
+        "fingerprint": fingerprint, "command": command, **extra,
     }
     write_summary(folder / "run_summary.json", run_summary("bench-run", {"config": str(config.path), "run": run.label}, result))
     write_done(folder / DONE, result, overwrite=False)

@@ -14,8 +14,16 @@ from protoalign_cli import __version__
 from protoalign_cli.errors import ProtoalignError
 
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
 class ProtoalignGroup(click.Group):
-    """A click group that turns ProtoalignError into a one-line message and exit status 1."""
+    """A click group that turns ProtoalignError into a one-line message and exit status 1.
+
+    Ctrl-C (KeyboardInterrupt, also SIGTERM where a command turns it into one) gives
+    ``Error: interrupted`` and exit status 130; a library that keeps something for later passes
+    the detail as the interrupt's message (``raise KeyboardInterrupt("X kept, rerun with --resume")``).
+    """
 
     def invoke(self, ctx):
         try:
@@ -23,9 +31,9 @@ class ProtoalignGroup(click.Group):
         except ProtoalignError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo(f"Error: interrupted; {exc}" if str(exc) else "Error: interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT)
 
 
 @click.group(cls=ProtoalignGroup, context_settings={"help_option_names": ["-h", "--help"]})

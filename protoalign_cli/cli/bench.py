@@ -24,15 +24,24 @@ from protoalign_cli.bench import DEFAULT_JOBS, DEFAULT_OUT_ROOT
 def bench_command(config, out, jobs, slurm, sbatch_options, only, run_index, expect_run):
     """Run a grid of fine-tuning runs (methods x budgets x seeds) from CONFIG.yaml and summarise it.
 
+    \b
+    protoalign bench benchmarks/configs/aspirin_xtb.yaml --jobs 2     # rerun it to resume
+    # on a cluster: write OUT/bench.sbatch, submit it, then summarise
+    protoalign bench my_bench.yaml --slurm --sbatch-option=--gres=gpu:1
+    sbatch bench_runs/<name in my_bench.yaml>/bench.sbatch
+    protoalign bench my_bench.yaml
+
     Writes OUT/runs.csv, OUT/summary.md (mean ± sd over seeds, paired % difference to plain
     fine-tuning) and OUT/learning_curve.png. See benchmarks/configs/ for examples.
     """
     from protoalign_cli.bench.config import load_config
     from protoalign_cli.bench.layout import default_out
     from protoalign_cli.bench.schedule import execute_run, run_grid, write_slurm_script
+    from protoalign_cli.io.outputs import check_output_folder
 
     settings = load_config(config)
     out = out or default_out(settings)
+    check_output_folder(out)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     if run_index is not None:
         result = execute_run(settings, out, run_index, expect_run)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from protoalign_cli.cli.options import batch_size_option, device_option, overwrite_option
+from protoalign_cli.cli.options import batch_size_option, device_option, one_spelling, overwrite_option
 from protoalign_cli.diagnose.settings import (
     DEFAULT_ENERGY_KEY,
     DEFAULT_MAP_METHOD,
@@ -24,11 +24,15 @@ COVERAGE_FAILURE_EXIT = 2
               help="Prototype file from `protoalign prototypes`.")
 @click.option("--configs", "configs", multiple=True, required=True, metavar="FILE",
               help="Target structure file ASE reads (extxyz, ...); repeat for several.")
-@click.option("--model", default=None, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--finetuned-model", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Fine-tuned MACE model: compare its per-atom energies with the prototype energies.")
-@click.option("--model-head", default=None, help="Head of the fine-tuned model (default: its first head).")
+@click.option("--finetuned-head", default=None, help="Head of the fine-tuned model (default: its first head).")
+@click.option("--model", "old_model", default=None, hidden=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Old spelling of --finetuned-model.")
+@click.option("--model-head", "old_model_head", default=None, hidden=True, help="Old spelling of --finetuned-head.")
 @click.option("--foundation-model", default=None, metavar="PATH|NAME",
-              help="Pretrained model (default: the prototype file's model path); must match its sha256.")
+              help="Pretrained model the prototypes were built from (default: the prototype file's model path); "
+                   "must match its sha256.")
 @click.option("--energy-key", default=None,
               help=f"Info key of the reference energy (eV) [default: {DEFAULT_ENERGY_KEY}; if absent the predictor is "
                    "skipped, while an explicitly given key that no configuration has is an error].")
@@ -45,11 +49,23 @@ COVERAGE_FAILURE_EXIT = 2
 @device_option
 @batch_size_option
 @overwrite_option
-def diagnose_command(prototypes, configs, model, model_head, foundation_model, energy_key, map_method,
-                     radius_factor, spread_threshold, fail_below_coverage, out, device, batch_size, overwrite):
-    """Coverage, energy consistency and spread of PROTOTYPES for a target; a report in OUT."""
+def diagnose_command(prototypes, configs, finetuned_model, finetuned_head, old_model, old_model_head, foundation_model,
+                     energy_key, map_method, radius_factor, spread_threshold, fail_below_coverage, out, device,
+                     batch_size, overwrite):
+    """Coverage, energy consistency and spread of PROTOTYPES for a target; a report in OUT.
+
+    \b
+    protoalign diagnose --prototypes prototypes.h5 --configs target.xyz --out diagnosis
+    # also compare a fine-tuned model's per-atom energies with the prototypes':
+    protoalign diagnose --prototypes prototypes.h5 --configs target.xyz --out diagnosis \\
+        --finetuned-model finetuned.model --overwrite
+
+    Exit status 0 whatever the verdict (unless --fail-below-coverage); see docs/diagnose.md.
+    """
     from protoalign_cli.diagnose import DiagnoseRequest, run_diagnose
 
+    model = one_spelling("--finetuned-model", finetuned_model, "--model", old_model)
+    model_head = one_spelling("--finetuned-head", finetuned_head, "--model-head", old_model_head)
     request = DiagnoseRequest(
         prototypes=prototypes, configs=[Path(c) for c in configs], out=out, model=model, model_head=model_head,
         foundation_model=foundation_model, energy_key=energy_key, map_method=map_method,

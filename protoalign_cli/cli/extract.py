@@ -41,7 +41,8 @@ def extract_command(model, configs, out, device, dtype, batch_size, head, max_co
     protoalign merge-latents latents_*.h5 --out latents.h5
 
     Per atom: the 0e node features after every interaction block, then the per-readout
-    energies (eV); see docs/schema.md.
+    energies (eV); see docs/schema.md. Progress goes to stderr: a bar on a terminal, a line
+    every few seconds in a log file. Ctrl-C or SIGTERM (exit status 130) keeps the work done for --resume.
     """
     from protoalign_cli.extract import ExtractRequest, run_extract
     from protoalign_cli.io.structures import parse_shard
@@ -60,7 +61,11 @@ def extract_command(model, configs, out, device, dtype, batch_size, head, max_co
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Merged latent file.")
 @overwrite_option
 def merge_command(inputs, out, overwrite):
-    """Concatenate latent files of the same model (e.g. the shards of an array job)."""
+    """Concatenate latent files of the same model (e.g. the shards of an array job).
+
+    \b
+    protoalign merge-latents latents_0.h5 latents_1.h5 latents_2.h5 --out latents.h5
+    """
     from protoalign_cli.extract import merge_latents
 
     result = merge_latents(list(inputs), out, overwrite)

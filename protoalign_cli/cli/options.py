@@ -15,9 +15,17 @@ def at_least_one(ctx, param, value):
     return value
 
 
+def one_spelling(name: str, value, old_name: str, old_value):
+    """The value of an option that also has a hidden old spelling (kept for existing scripts); both given is an error."""
+    if value is not None and old_value is not None:
+        raise ProtoalignError(f"{old_name} is the old spelling of {name}; give only {name}")
+    return old_value if value is None else value
+
+
 model_option = click.option(
     "--model", required=True, metavar="PATH|NAME",
-    help="MACE checkpoint file, or a foundation name mace-torch downloads (small, medium, small_off, medium_off, ...).",
+    help="Pretrained MACE model whose latents are extracted: a checkpoint file, or a foundation name mace-torch "
+         "downloads (small, medium, small_off, medium_off, ...).",
 )
 device_option = click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs."

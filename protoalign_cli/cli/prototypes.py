@@ -48,6 +48,10 @@ def prototypes_command(latents, out, k, k_grid, criterion, features, standardize
                        overwrite):
     """Cluster the atoms of LATENTS files (one model and head) per element into prototypes.
 
+    \b
+    protoalign prototypes latents.h5 --out prototypes.h5             # K per element chosen by BIC
+    protoalign prototypes latents_*.h5 --out prototypes.h5 --k 16    # an array job's shards, 16 per element
+
     LATENTS may be the shards of an extract array job (every shard, each once), without merge-latents.
     """
     request = PrototypesRequest(

@@ -25,9 +25,11 @@ Definitions (docs/diagnose.md explains them at length):
 - spread: prototypes whose member energy std exceeds a threshold are flagged.
 
 Layout: ``stats`` (pure statistics), ``context`` (what diagnostics compute from), ``diagnostics``
-(one module per report section and the registry ``DIAGNOSTICS``), ``results`` (typed results and
-the verdict), ``figures``, ``report`` (report.json / report.md), ``run`` (orchestration),
-``settings`` (choices, defaults, thresholds).
+(``base``: what every result offers; one module per report section; the registry ``DIAGNOSTICS``),
+``figures`` (matplotlib figures from arrays; ``source_atoms`` samples the source for the map),
+``results`` (the results gathered, and the verdict), ``report`` (report.json / report.md), ``run``
+(orchestration), ``settings`` (choices, defaults, thresholds). Imports go one way: run → report →
+results → diagnostics → figures → source_atoms, stats, settings; context below the diagnostics.
 """
 
 from protoalign_cli.diagnose.run import DiagnoseRequest, run_diagnose

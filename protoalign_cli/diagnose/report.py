@@ -23,7 +23,8 @@ def join_sections(sections: Sequence[list[str]]) -> list[str]:
 def header_lines(summary: dict, results: DiagnoseResults) -> list[str]:
     """The title and the inputs: prototypes, target, models, settings, command line."""
     inputs = summary["inputs"]
-    finetuned = f"`{inputs['model']}`, head {inputs['model_head']}" if inputs["model"] else "none"
+    finetuned = (f"`{inputs['model']}` (sha256 {inputs['model_sha256'][:12]}...), head {inputs['model_head']}"
+                 if inputs["model"] else "none")
     return [
         "# protoalign diagnose report", "",
         f"- prototypes: `{inputs['prototypes']}` (sha256 {inputs['prototypes_sha256'][:12]}...)",

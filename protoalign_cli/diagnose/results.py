@@ -1,61 +1,17 @@
-"""Typed results of ``protoalign diagnose`` and the verdict drawn from them (pure: results → lines, safe).
+"""The results of ``protoalign diagnose`` gathered, and the verdict drawn from them (pure: results → lines, safe).
 
-Each diagnostic (``protoalign_cli.diagnose.diagnostics``) returns a ``DiagnosticResult``: its part
-of report.json (``to_json``, the same keys and values as the report has always had), its Markdown
-section, its figures, and its contribution to the verdict (``VerdictPart``: text and reasons why
-the alignment looks risky). ``DiagnoseResults`` gathers the parts in registry order.
+Each diagnostic (``protoalign_cli.diagnose.diagnostics``) returns a ``DiagnosticResult``
+(``diagnostics.base``); ``DiagnoseResults`` gathers the parts in registry order, ``verdict_lines``
+joins their contributions to the verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from protoalign_cli.diagnose.context import DiagnosticContext
-    from protoalign_cli.diagnose.diagnostics.coverage import CoverageResult
-
-
-def format_optional(value: float | None, digits: int = 1) -> str:
-    """``value`` with ``digits`` decimals, or "n/a" for None."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-@dataclasses.dataclass(frozen=True)
-class VerdictPart:
-    """A diagnostic's contribution to one verdict line: text appended to it, and risk reasons."""
-
-    text: str = ""
-    reasons: tuple[str, ...] = ()
-
-
-class DiagnosticResult:
-    """What every diagnostic's result offers; the defaults contribute nothing."""
-
-    def to_json(self) -> Any:
-        """The result's part of report.json (JSON-ready)."""
-        return dataclasses.asdict(self)
-
-    def markdown(self) -> list[str]:
-        """The result's section of report.md, as lines (none: no section)."""
-        return []
-
-    def figures(self, folder: Path, context: DiagnosticContext) -> list[Path]:
-        """Write the result's figures (PNG) into ``folder``; return their paths."""
-        return []
-
-    def verdict_for_element(self, name: str) -> VerdictPart:
-        """Text for the verdict line of the element ``name`` (chemical symbol), and reasons."""
-        return VerdictPart()
-
-    def verdict_overall(self) -> VerdictPart:
-        """Text for the overall verdict line (before SAFE/RISKY), and reasons."""
-        return VerdictPart()
-
-    def verdict_closing(self) -> str:
-        """Text appended to the overall verdict line after SAFE/RISKY."""
-        return ""
+from protoalign_cli.diagnose.diagnostics.base import DiagnosticResult
+from protoalign_cli.diagnose.diagnostics.coverage import CoverageResult
 
 
 def verdict_lines(parts: Sequence[DiagnosticResult], elements: Sequence[str]) -> tuple[list[str], bool]:

@@ -55,6 +55,9 @@ def check_request(request: DiagnoseRequest) -> None:
         raise ProtoalignError("--batch-size must be >= 1")
     if not request.configs:
         raise ProtoalignError("give at least one --configs file")
+    for path in request.configs:
+        if not Path(path).is_file():
+            raise ProtoalignError(f"target file {path} does not exist")
     if request.map_method not in MAP_METHODS:
         raise ProtoalignError(f"--map must be {' or '.join(MAP_METHODS)}")
     if request.map_method == "tsne":
@@ -67,18 +70,55 @@ def check_request(request: DiagnoseRequest) -> None:
     check_writable(Path(request.out), request.overwrite)
 
 
-def read_targets(paths: Sequence[Path]) -> tuple[list, list[int]]:
-    """Read every configuration of the target files; returns (atoms list, configurations per file)."""
-    from protoalign_cli.io.structures import iter_structures
+@dataclasses.dataclass
+class Targets:
+    """The target configurations (ase.Atoms of every file, in order) and how many each file holds."""
 
-    atoms_list, counts = [], []
-    for path in paths:
-        frames = list(iter_structures(Path(path)))
-        if not frames:
-            raise ProtoalignError(f"{path} holds no configurations")
-        atoms_list += frames
-        counts.append(len(frames))
-    return atoms_list, counts
+    paths: Sequence[Path]
+    atoms: list
+    counts: list[int]
+
+    def check_elements(self, info) -> None:
+        """Refuse a configuration with an element the model (``info``: its ModelInfo) lacks, naming the file,
+        the configuration's position in it and the element, before any model evaluation."""
+        from protoalign_cli.io.structures import check_elements
+
+        known = set(info.atomic_numbers)
+        starts = np.cumsum([0, *self.counts])
+        for path, start, count in zip(self.paths, starts, self.counts):
+            for position, atoms in enumerate(self.atoms[start:start + count]):
+                check_elements(atoms.numbers, known, path, position)
+
+
+# mace's default --forces_key and ASE's calculator forces: not used here, but NaN or inf there is broken data
+FORCES_KEYS = ("REF_forces", "forces")
+
+
+def read_targets(paths: Sequence[Path], energy_key: str) -> Targets:
+    """Read every configuration of the target files; refuse an empty file, and NaN or inf in positions (Å),
+    reference energies under ``energy_key`` (eV) or forces (``FORCES_KEYS``), naming file and configuration."""
+    from protoalign_cli.io.structures import read_structures
+
+    frames = [read_structures(Path(path), keys=[energy_key, *FORCES_KEYS]) for path in paths]
+    return Targets(list(paths), [atoms for part in frames for atoms in part], [len(part) for part in frames])
+
+
+def latents_with_progress(model, info, atoms_list: Sequence, head: str, batch_size: int, device: str,
+                          desc: str) -> dict[str, np.ndarray]:
+    """``latents_of_atoms`` over ``atoms_list``, one call per batch (the same batches as one call makes), with
+    progress per configuration (``protoalign_cli.progress``); ``config_index`` counts over the whole list."""
+    from protoalign_cli.mace.latents import latents_of_atoms
+    from protoalign_cli.progress import progress
+
+    parts = []
+    with progress(total=len(atoms_list), desc=desc, unit="config") as bar:
+        for start in range(0, len(atoms_list), batch_size):
+            batch = atoms_list[start:start + batch_size]
+            rows = latents_of_atoms(model, info, batch, head, batch_size, device)
+            rows["config_index"] = rows["config_index"] + start
+            parts.append(rows)
+            bar.update(len(batch))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def reference_energy(atoms, key: str) -> float | None:
@@ -91,9 +131,8 @@ def reference_energy(atoms, key: str) -> float | None:
     return None
 
 
-def finetuned_energies(request: DiagnoseRequest, atoms_list: Sequence):
+def finetuned_energies(request: DiagnoseRequest, targets: Targets):
     """The fine-tuned model's per-atom energy minus its own E0 (eV), its ModelInfo and head; Nones without one."""
-    from protoalign_cli.mace.latents import latents_of_atoms
     from protoalign_cli.mace.models import describe_model, load_model
 
     if request.model is None:
@@ -102,8 +141,10 @@ def finetuned_energies(request: DiagnoseRequest, atoms_list: Sequence):
     info = describe_model(model, Path(request.model))
     head = request.model_head or info.heads[0]
     if head not in info.heads:
-        raise ProtoalignError(f"--model-head {head!r} is not one of the model's heads: {', '.join(info.heads)}")
-    rows = latents_of_atoms(model, info, atoms_list, head, request.batch_size, request.device)
+        raise ProtoalignError(f"--finetuned-head {head!r} is not one of the model's heads: {', '.join(info.heads)}")
+    targets.check_elements(info)
+    rows = latents_with_progress(model, info, targets.atoms, head, request.batch_size, request.device,
+                                 "diagnose: fine-tuned model")
     return rows["energy_minus_e0"], info, head
 
 
@@ -114,15 +155,17 @@ def diagnose_context(context: DiagnosticContext) -> DiagnoseResults:
     return DiagnoseResults(context.n_configs, context.n_atoms, parts, verdict, safe)
 
 
-def report_inputs(request: DiagnoseRequest, prototypes, foundation_path: Path, counts: list[int], finetuned_info,
+def report_inputs(request: DiagnoseRequest, prototypes, counts: list[int], finetuned_info,
                   finetuned_head: str | None, energy_key: str) -> dict:
-    """The ``inputs`` of report.json."""
+    """The ``inputs`` of report.json: paths as given (the pretrained model: ``--foundation-model`` as typed, a
+    path or a foundation name, else the path the prototype file records), each model with its sha256."""
     from protoalign_cli.io.provenance import sha256_file
 
     return {
         "prototypes": str(request.prototypes), "prototypes_sha256": sha256_file(Path(request.prototypes)),
         "configs": [str(p) for p in request.configs], "configs_per_file": counts,
-        "foundation_model": str(foundation_path), "foundation_model_sha256": prototypes.model_sha256,
+        "foundation_model": str(request.foundation_model or prototypes.model_path),
+        "foundation_model_sha256": prototypes.model_sha256,
         "head": prototypes.head, "model": str(request.model) if request.model else None,
         "model_sha256": finetuned_info.sha256 if finetuned_info else None, "model_head": finetuned_head,
         "energy_key": energy_key, "radius_factor": request.radius_factor,
@@ -139,35 +182,45 @@ def run_diagnose(request: DiagnoseRequest) -> DiagnoseResults:
     """
     from protoalign_cli.diagnose.report import write_report
     from protoalign_cli.io.provenance import run_summary
+    from protoalign_cli.io.structures import label_keys
+    from protoalign_cli.io.schema import ATOMIC_NUMBER, LATENT
     from protoalign_cli.mace.models import describe_model, load_model
-    from protoalign_cli.prototypes.assignment import assign_atoms, check_head, load_prototypes, pretrained_model
+    from protoalign_cli.progress import progress
+    from protoalign_cli.prototypes.assignment import assignment_of, check_head, load_prototypes, pretrained_model
 
     check_request(request)
     prototypes = load_prototypes(Path(request.prototypes))
     foundation_path = pretrained_model(prototypes, request.foundation_model, missing_hint="pass --foundation-model PATH")
-    atoms_list, counts = read_targets(request.configs)
     energy_key = request.energy_key or DEFAULT_ENERGY_KEY
-    references = [reference_energy(atoms, energy_key) for atoms in atoms_list]
+    targets = read_targets(request.configs, energy_key)
+    references = [reference_energy(atoms, energy_key) for atoms in targets.atoms]
     if request.energy_key is not None and all(e is None for e in references):
-        raise ProtoalignError(f"no target configuration has the energy key {energy_key!r}")
+        raise ProtoalignError(f"no target configuration has the energy key {energy_key!r} "
+                              f"(keys: {', '.join(label_keys(targets.atoms)) or 'none'})")
 
     foundation = load_model(foundation_path, request.device, prototypes.latent_dtype)
     foundation_info = describe_model(foundation, foundation_path)
     check_head(prototypes, foundation_info.heads, foundation_path)
-    assignment, target = assign_atoms(prototypes, foundation, foundation_info, atoms_list, request.batch_size,
-                                      request.device)
-    finetuned_eps, finetuned_info, finetuned_head = finetuned_energies(request, atoms_list)
+    targets.check_elements(foundation_info)
+    target = latents_with_progress(foundation, foundation_info, targets.atoms, prototypes.head, request.batch_size,
+                                   request.device, "diagnose: pretrained model")
+    assignment = assignment_of(prototypes, target[LATENT], target[ATOMIC_NUMBER])
+    finetuned_eps, finetuned_info, finetuned_head = finetuned_energies(request, targets)
 
-    file_of_config = np.repeat(np.arange(len(counts)), counts)
+    file_of_config = np.repeat(np.arange(len(targets.counts)), targets.counts)
     context = DiagnosticContext(
         prototypes, assignment, target, references, finetuned_eps, file_of_config[target["config_index"]],
-        fixed_molecule_files(atoms_list, counts), request.radius_factor, request.spread_threshold_meV,
+        fixed_molecule_files(targets.atoms, targets.counts), request.radius_factor, request.spread_threshold_meV,
         request.map_method,
     )
     results = diagnose_context(context)
-    summary = run_summary("diagnose", report_inputs(request, prototypes, foundation_path, counts, finetuned_info,
+    summary = run_summary("diagnose", report_inputs(request, prototypes, targets.counts, finetuned_info,
                                                     finetuned_head, energy_key))
-    with atomic_directory(Path(request.out), request.overwrite) as folder:
-        results.figures = [path.name for part in results.parts.values() for path in part.figures(folder, context)]
+    parts = list(results.parts.values())
+    with (atomic_directory(Path(request.out), request.overwrite) as folder,
+          progress(total=len(parts), desc="diagnose: figures", unit="diagnostic") as bar):
+        for part in parts:
+            results.figures += [path.name for path in part.figures(folder, context)]
+            bar.update()
         write_report(folder, summary, results)
     return results

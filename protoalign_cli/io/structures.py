@@ -6,13 +6,22 @@ the selected configurations. For (ext)xyz files the scan reads only the atom-cou
 species column of each frame, and the read asks ASE for the selected frames only (ASE's extxyz
 reader indexes frame starts without parsing them), so neither pass parses a frame twice and a
 shard parses only its own frames. Other formats go through ASE for both passes.
+
+Every reader of structures (extract, diagnose, finetune, bench) refuses the same bad input with the
+same words: a file without configurations (``empty_file_error``), an element the model lacks
+(``check_elements``, naming the symbol), NaN or inf in positions or in the labels it uses
+(``non_finite_fields``, naming file and configuration), a label key that no configuration has
+(``check_label_keys``, listing the keys the file does have).
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from protoalign_cli.errors import ProtoalignError
 
@@ -32,23 +41,121 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def iter_structures(path: Path, index: slice | str = ":") -> Iterator:
-    """Yield the ase.Atoms of the configurations of a file ASE can read (all, or an index slice)."""
+def empty_file_error(path: Path | str, role: str = "structure") -> ProtoalignError:
+    """The error for a file without configurations, worded alike everywhere (``role``: structure, train, ...)."""
+    return ProtoalignError(f"{role} file {path} holds no configurations")
+
+
+def check_elements(numbers: Iterable[int], known_numbers: set[int], path: Path | str, index: int) -> None:
+    """Refuse configuration ``index`` of ``path`` if it holds an element (atomic numbers) the model does not know."""
+    unknown = set(int(z) for z in numbers) - known_numbers
+    if unknown:
+        from ase.data import chemical_symbols
+
+        names = ", ".join(chemical_symbols[z] for z in sorted(unknown))
+        raise ProtoalignError(f"{path}, configuration {index}: element(s) {names} not in the model")
+
+
+def label(atoms, key: str):
+    """A configuration's label under ``key``: from ``atoms.info``, ``atoms.arrays`` or its calculator's results
+    (where ASE's extxyz reader puts 'energy', 'forces', 'stress'); None when absent."""
+    if key in atoms.info:
+        return atoms.info[key]
+    if key in atoms.arrays:
+        return atoms.arrays[key]
+    results = getattr(atoms.calc, "results", None) or {}
+    return results.get(key)
+
+
+def label_keys(frames: Iterable) -> list[str]:
+    """Every label key of the configurations (info, per-atom arrays but numbers and positions, calculator results)."""
+    keys: set[str] = set()
+    for atoms in frames:
+        keys.update(atoms.info)
+        keys.update(k for k in atoms.arrays if k not in ("numbers", "positions"))
+        keys.update(getattr(atoms.calc, "results", None) or {})
+    return sorted(keys)
+
+
+def non_finite_fields(values: Mapping[str, object]) -> list[str]:
+    """Names of the numeric values (scalars or arrays) that hold NaN or ±inf.
+
+    Absent (None) and non-numeric values (strings, dicts) are skipped; integers are always finite.
+    """
+    bad = []
+    for name, value in values.items():
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):  # ragged or exotic objects are not labels we read
+            continue
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad.append(name)
+    return bad
+
+
+def check_finite(atoms, path: Path | str, index: int, keys: Sequence[str] = ()) -> None:
+    """Refuse configuration ``index`` of ``path`` if its positions (Å) or its labels ``keys`` hold NaN or inf."""
+    bad = non_finite_fields({"positions": atoms.positions, **{key: label(atoms, key) for key in keys}})
+    if bad:
+        raise non_finite_error(path, index, bad)
+
+
+def non_finite_error(path: Path | str, index: int, fields: Sequence[str]) -> ProtoalignError:
+    """The error for configuration ``index`` of ``path`` whose ``fields`` (positions, labels) hold NaN or inf."""
+    return ProtoalignError(f"{path}, configuration {index}: non-finite {', '.join(fields)} (NaN or inf); "
+                           "fix or remove that configuration")
+
+
+def check_label_keys(path: Path | str, frames: Sequence, keys: Mapping[str, str], role: str = "structure") -> None:
+    """Refuse a file in which no configuration has the label ``key`` of some ``keys`` item (what → key).
+
+    The error lists the label keys that the file does have, so a mistyped key is easy to correct.
+    """
+    for what, key in keys.items():
+        if not any(label(atoms, key) is not None for atoms in frames):
+            raise ProtoalignError(f"{role} file {path} has no {what} key {key!r} in any configuration "
+                                  f"(keys: {', '.join(label_keys(frames)) or 'none'})")
+
+
+def iter_structures(path: Path, index: slice | str = ":", keys: Sequence[str] = (),
+                    role: str = "structure") -> Iterator:
+    """Yield the ase.Atoms of the configurations of a file ASE can read (all, or an index slice).
+
+    Each is checked to have finite positions and finite labels ``keys`` (``check_finite``). ``role``
+    names the file in errors ('structure file', 'train file', ...).
+    """
     import ase.io
+    from ase.io.formats import string2index
 
     path = Path(path)
     if not path.is_file():
-        raise ProtoalignError(f"structure file {path} does not exist")
+        raise ProtoalignError(f"{role} file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise empty_file_error(path, role)
+    where = string2index(index) if isinstance(index, str) else index
+    numbers = itertools.count(where.start or 0, where.step or 1) if isinstance(where, slice) else itertools.count(where)
     try:
-        yield from ase.io.iread(path, index=index)
+        for number, atoms in zip(numbers, ase.io.iread(path, index=index)):
+            check_finite(atoms, path, number, keys)
+            yield atoms
     except ProtoalignError:
         raise
     except Exception as exc:
-        raise ProtoalignError(f"cannot read structures from {path}: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, whatever the reader raised
+        raise ProtoalignError(f"cannot read structures from {path}: {reason}") from exc
+
+
+def read_structures(path: Path | str, role: str = "structure", keys: Sequence[str] = ()) -> list:
+    """Every configuration of a structure file (ase.Atoms), refused when there is none or a value is not finite."""
+    frames = list(iter_structures(Path(path), keys=keys, role=role))
+    if not frames:
+        raise empty_file_error(path, role)
+    return frames
 
 
 def scan_structures(path: Path, known_numbers: set[int], limit: int | None = None) -> int:
-    """Count the configurations in a file (at most ``limit``) and check every element is one the model knows."""
+    """Count the configurations in a file (at most ``limit``); check every element is one the model knows and
+    every position is finite."""
     path = Path(path)
     if not path.is_file():
         raise ProtoalignError(f"structure file {path} does not exist")
@@ -59,37 +166,44 @@ def scan_structures(path: Path, known_numbers: set[int], limit: int | None = Non
     for numbers in species:
         if limit is not None and count == limit:
             break
-        unknown = set(numbers) - known_numbers
-        if unknown:
-            from ase.data import chemical_symbols
-
-            names = ", ".join(chemical_symbols[z] for z in sorted(unknown))
-            raise ProtoalignError(f"{path}, configuration {count}: element(s) {names} not in the model")
+        check_elements(numbers, known_numbers, path, count)
         count += 1
     if count == 0:
-        raise ProtoalignError(f"{path} holds no configurations")
+        raise empty_file_error(path)
     return count
 
 
 _PROPERTIES = re.compile(r"""(?:^|\s)Properties=(?:"([^"]*)"|(\S+))""")
 
 
-def _species_column(comment: str) -> int | None:
-    """Column of the species in an extxyz atom line (0 for plain xyz); None if the line has no species column."""
+def _atom_columns(comment: str) -> tuple[int, int] | None:
+    """Columns of the species and of the first position in an extxyz atom line ((0, 1) for plain xyz);
+    None if the line has no species or no position column."""
     match = _PROPERTIES.search(comment)
     if not match:
-        return 0
+        return 0, 1
     fields = (match.group(1) or match.group(2)).split(":")
-    column = 0
+    columns, column = {}, 0
     for name, kind, width in zip(fields[0::3], fields[1::3], fields[2::3]):
-        if name.lower() == "species" and kind.upper() == "S":
-            return column
+        if (name.lower(), kind.upper()) in (("species", "S"), ("pos", "R")):
+            columns[name.lower()] = column
         column += int(width)
-    return None
+    if "species" not in columns or "pos" not in columns:
+        return None
+    return columns["species"], columns["pos"]
+
+
+def _spells_finite(tokens: Sequence[str]) -> bool:
+    """Whether number tokens of a text file spell no NaN or inf (every spelling Python and ASE accept has an 'n').
+
+    A finite spelling too large for a float ('1e999') passes here and is caught by ``check_finite``.
+    """
+    return "n" not in "".join(tokens).lower()
 
 
 def _xyz_species(path: Path, limit: int | None = None) -> list[list[int]] | None:
-    """Atomic numbers of every frame (the first ``limit``) of an (ext)xyz file, reading only counts and species.
+    """Atomic numbers of every frame (the first ``limit``) of an (ext)xyz file, reading only counts, species
+    and positions (refused when not finite, like ``check_finite``).
 
     Follows ASE's frame layout (count line, comment line, atom lines, optional VEC lines; a blank
     line ends the file). Returns None whenever the file is anything else, so that the caller falls
@@ -103,12 +217,17 @@ def _xyz_species(path: Path, limit: int | None = None) -> list[list[int]] | None
             line = handle.readline()
             while line.strip() and (limit is None or len(frames) < limit):
                 natoms = int(line)
-                column = _species_column(handle.readline())
-                if column is None:
+                columns = _atom_columns(handle.readline())
+                if columns is None:
                     return None
-                numbers = []
+                species, position = columns
+                numbers, finite = [], True
                 for _ in range(natoms):
-                    numbers.append(atomic_numbers[handle.readline().split()[column]])
+                    tokens = handle.readline().split()
+                    numbers.append(atomic_numbers[tokens[species]])
+                    finite = finite and _spells_finite(tokens[position:position + 3])
+                if not finite:
+                    raise non_finite_error(path, len(frames), ["positions"])
                 frames.append(numbers)
                 line = handle.readline()
                 while line.lstrip().startswith("VEC"):

@@ -12,7 +12,14 @@ import numpy as np
 
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.io import schema
-from protoalign_cli.mace.models import ModelInfo, has_pair_repulsion, import_mace_quietly, scalar_slices, scale_and_shift
+from protoalign_cli.mace.models import (
+    ModelInfo,
+    default_dtype,
+    has_pair_repulsion,
+    import_mace_quietly,
+    scalar_slices,
+    scale_and_shift,
+)
 
 DEFAULT_BATCH_SIZE = 32  # configurations per model evaluation
 
@@ -104,7 +111,6 @@ def latents_of_atoms(model, info: ModelInfo, atoms_list: Sequence, head: str | N
     import_mace_quietly()
     import torch
     from mace.tools import torch_geometric
-    from mace.tools.torch_tools import default_dtype
 
     if batch_size < 1:
         raise ProtoalignError(f"the batch size must be >= 1, got {batch_size}")

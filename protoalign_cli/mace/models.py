@@ -45,6 +45,8 @@ def resolve_model_path(model: str) -> Path:
         if not path.is_file():
             raise ProtoalignError(f"model {model} is not a file")
         return path
+    if path.suffix or len(path.parts) > 1:  # a path, not a name: no need to import mace to say so
+        raise ProtoalignError(f"model file {model} does not exist")
     if model not in foundation_names():
         raise ProtoalignError(
             f"model {model!r} is neither an existing file nor a MACE foundation name "
@@ -85,6 +87,20 @@ def import_mace_quietly() -> None:
         warnings.simplefilter("ignore")
         import mace.modules  # noqa: F401  (must precede e3nn)
         import e3nn.o3  # noqa: F401
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: str):
+    """torch's default dtype set to ``dtype`` ('float32' or 'float64') inside the block, and restored after it
+    even on an exception or Ctrl-C (mace's own ``torch_tools.default_dtype`` restores it on success only)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):

@@ -11,12 +11,13 @@ Nothing of MACE is copied. For the duration of one run (``patched_mace``) we wra
   own epoch counter) and attribute the terms' values to training or to a validation head, for the
   log and a JSONL file.
 
-``check_supported`` verifies every one of those names, and the arguments the wrappers read, before
-anything runs. Per-atom targets reach the loss without an extra forward pass: a
-``ConfigurationIndex`` maps the exact bytes of (atomic numbers, positions in the training dtype) of
-every target configuration to its rows among the target atoms; each graph of a batch (split by
-``ptr``) is looked up there. Configurations not in the index (e.g. multihead replay data) and graphs
-of heads other than the target heads get weight 0.
+``quiet_console`` (the default of ``protoalign finetune``) also wraps ``mace.tools.setup_logger``, to
+filter the console handler it makes. ``check_supported`` verifies every one of those names, and the
+arguments the wrappers read, before anything runs. Per-atom targets reach the loss without an extra
+forward pass: a ``ConfigurationIndex`` maps the exact bytes of (atomic numbers, positions in the
+training dtype) of every target configuration to its rows among the target atoms; each graph of a
+batch (split by ``ptr``) is looked up there. Configurations not in the index (e.g. multihead replay
+data) and graphs of heads other than the target heads get weight 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import importlib
 import inspect
 import json
 import logging
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -68,6 +71,7 @@ MACE_NAMES = (
     MaceName("mace.tools.train", "SWAContainer", ("loss_fn",)),
     MaceName("mace.modules.loss", "WeightedEnergyForcesLoss.forward", ("ref", "pred", "ddp")),
     MaceName("mace.tools", "build_default_arg_parser"),
+    MaceName("mace.tools", "setup_logger", ("level", "tag", "directory")),
     MaceName("mace.tools", "AtomicNumberTable"),
     MaceName("mace.tools.scripts_utils", "check_path_ase_read"),
     MaceName("mace.tools.torch_tools", "default_dtype"),
@@ -440,4 +444,39 @@ def patched_mace(tracker: TermTracker) -> Iterator[None]:
         stack.enter_context(_replaced(mace.tools, "train", train_tracking))
         stack.enter_context(_replaced(train_module, "train_one_epoch", train_one_epoch_tracking))
         stack.enter_context(_replaced(train_module, "evaluate", evaluate_tracking))
+        yield
+
+
+def shown_on_quiet_console(record: logging.LogRecord) -> bool:
+    """Whether the quiet console shows a log record: warnings and errors, mace's training loop
+    (``mace.tools.train``: the per-epoch errors), protoalign's own lines and the final error tables."""
+    training_loop = sys.modules["mace.tools.train"].__file__
+    return (record.levelno >= logging.WARNING or record.pathname in (training_loop, __file__)
+            or str(record.msg).startswith("Error-table"))
+
+
+@contextlib.contextmanager
+def quiet_console() -> Iterator[None]:
+    """Within the block, mace_run_train's console shows only what ``shown_on_quiet_console`` keeps (its
+    log files keep everything), and each distinct Python warning is shown once, on one line."""
+    import mace.tools
+
+    setup_logger, show = mace.tools.setup_logger, warnings.showwarning
+    shown: set[tuple[type, str]] = set()  # (category, message) of the warnings shown
+
+    def setup_logger_quiet(*args, **kwargs):
+        root = logging.getLogger()
+        before = list(root.handlers)
+        setup_logger(*args, **kwargs)
+        for handler in root.handlers:
+            if handler not in before and type(handler) is logging.StreamHandler:  # the console, not a file
+                handler.addFilter(shown_on_quiet_console)
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        if (category, str(message)) not in shown:
+            shown.add((category, str(message)))
+            show(message, category, filename, lineno, file, line="")
+
+    with warnings.catch_warnings(), _replaced(mace.tools, "setup_logger", setup_logger_quiet):
+        warnings.showwarning = show_once
         yield

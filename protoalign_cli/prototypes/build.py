@@ -32,7 +32,7 @@ from protoalign_cli.io import schema
 from protoalign_cli.io.outputs import atomic_output, check_writable
 from protoalign_cli.io.provenance import command_line, package_version, run_summary, write_summary
 from protoalign_cli.io.schema import Prototypes
-from protoalign_cli.prototypes.clustering import gpu_available
+from protoalign_cli.prototypes.clustering import gpu_available, single_member_count
 from protoalign_cli.prototypes.features import FEATURE_KINDS, feature_columns
 from protoalign_cli.prototypes.search import flat_index
 from protoalign_cli.prototypes.sources import open_sources
@@ -109,7 +109,7 @@ def build_prototypes(request: PrototypesRequest, report: Callable[[str], None] =
         raise ProtoalignError("give at least one latent file")
     out = Path(request.out)
     for target in (out, summary_path(out)):
-        check_writable(target, request.overwrite)
+        check_writable(target, request.overwrite, file=True)
     if out.resolve() in {p.resolve() for p in paths}:
         raise ProtoalignError(f"--out {out} is one of the input latent files")
 
@@ -121,6 +121,7 @@ def build_prototypes(request: PrototypesRequest, report: Callable[[str], None] =
         settings.gpu = False
 
     counts = sources.element_counts(settings.chunk_rows)
+    check_k_fits(settings.k, counts)
     missing = [z for z in sorted(int(z) for z in first.e0s[first.head]) if z not in counts]
     notes = []
     if missing:
@@ -130,6 +131,10 @@ def build_prototypes(request: PrototypesRequest, report: Callable[[str], None] =
     elements = prototypes_of_elements(sources, columns, counts, settings, report)
     for element in elements:
         notes += element.notes
+        warning = single_member_warning(element.z, element.statistics["count"])
+        if warning:
+            notes.append(warning)
+            report(warning)
 
     prototypes = _assemble(first, sources.provenance(), sources.headers, request, settings, columns, elements, notes)
     summary = run_summary("prototypes", inputs={
@@ -149,6 +154,45 @@ def build_prototypes(request: PrototypesRequest, report: Callable[[str], None] =
         schema.write_prototypes(tmp, prototypes)
         write_summary(tmp_summary, summary)
     return summary
+
+
+def check_k_fits(k: int | str, counts: dict[int, int]) -> None:
+    """Refuse a fixed K above an element's number of source atoms (``counts``: {Z: atoms}).
+
+    Its prototypes would be single atoms of radius 0, which cover no target atom; clipping K per element
+    would make the file's K say something else than what was built. --k auto fits K to each element.
+    """
+    from ase.data import chemical_symbols
+
+    if k == "auto":
+        return
+    short = {z: n for z, n in sorted(counts.items()) if n < k}
+    if short:
+        listed = ", ".join(f"Z={z} ({chemical_symbols[z]}): {n} atoms" for z, n in short.items())
+        raise ProtoalignError(f"--k {k} is more than the source atoms of {listed}; give --k {min(short.values())} "
+                              "or less, or --k auto (K chosen per element)")
+
+
+def single_member_warning(z: int, count: np.ndarray) -> str | None:
+    """The warning for an element some of whose prototypes have a single member (``count`` [P]), else None."""
+    from ase.data import chemical_symbols
+
+    n = single_member_count(count)
+    if not n:
+        return None
+    return (f"warning: Z={z} ({chemical_symbols[z]}): {n} of {len(count)} prototypes have a single member "
+            "(radius 0): no target atom near them counts as covered; a smaller K (--k-grid) or more source "
+            "atoms avoids this")
+
+
+def absolute_model_path(model_path: str) -> str:
+    """The pretrained model's path as a latent file records it, made absolute when it names a file from here.
+
+    Extract records the path as given; resolved, the prototype file still names the model when read
+    from another folder. A relative path naming no file here stays as recorded.
+    """
+    path = Path(model_path)
+    return str(path.resolve()) if not path.is_absolute() and path.is_file() else model_path
 
 
 def _settings(request: PrototypesRequest) -> ClusterSettings:
@@ -176,7 +220,7 @@ def _assemble(first, latent_files, headers, request, settings, columns, elements
         return np.concatenate([e.statistics[key] for e in elements])
 
     return Prototypes(
-        model_sha256=first.model_sha256, model_path=first.model_path, model_type=first.model_type,
+        model_sha256=first.model_sha256, model_path=absolute_model_path(first.model_path), model_type=first.model_type,
         mace_version=first.mace_version, r_max=float(first.r_max), head=first.head, heads=list(first.heads),
         e0s=first.e0s, layout=first.layout, latent_dtype=first.dtype, latent_files=latent_files,
         structure_files=structure_files, features=request.features, columns=np.asarray(columns, dtype=np.int64),

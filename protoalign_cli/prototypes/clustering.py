@@ -100,6 +100,15 @@ def member_radii(prototype_id: np.ndarray, distance: np.ndarray, count: np.ndarr
                      for p in range(len(count))])
 
 
+def single_member_count(count: np.ndarray) -> int:
+    """How many prototypes have a single member (``count`` [P] members each).
+
+    Their radius is 0 (up to the float32 rounding of the centroid): no target atom but a copy of that
+    member lies within any multiple of it.
+    """
+    return int(np.count_nonzero(np.asarray(count) == 1))
+
+
 def derived_seed(seed: int, *keys: int) -> int:
     """A 31-bit seed derived from ``seed`` and keys (element, K), independent of processing order."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] >> 1)

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from protoalign_cli.progress import progress
 from protoalign_cli.prototypes.clustering import (
     cluster_atoms,
     derived_seed,
@@ -183,11 +184,16 @@ def cluster_element(z: int, features: np.ndarray, energy: np.ndarray, settings: 
 
 def prototypes_of_elements(sources: LatentSources, columns: np.ndarray, counts: dict[int, int],
                            settings: ClusterSettings, report: Callable[[str], None]) -> list[ElementPrototypes]:
-    """Prototypes of every element of ``counts`` ({Z: atoms}), reading the latent files once or twice."""
+    """Prototypes of every element of ``counts`` ({Z: atoms}), reading the latent files once or twice.
+
+    Each read shows its progress on stderr (``protoalign_cli.progress``: a bar on a terminal, lines in a log).
+    """
     gatherers = {z: _Gatherer(z, n, len(columns), sources.first.dtype, settings) for z, n in counts.items()}
-    for chunk in sources.chunks(columns, settings.chunk_rows):
-        for z, rows in _rows_by_element(chunk.atomic_number, gatherers):
-            gatherers[z].add(chunk.features[rows], chunk.energy[rows])
+    with progress(total=sum(counts.values()), desc="prototypes: reading latents", unit="atom") as bar:
+        for chunk in sources.chunks(columns, settings.chunk_rows):
+            for z, rows in _rows_by_element(chunk.atomic_number, gatherers):
+                gatherers[z].add(chunk.features[rows], chunk.energy[rows])
+            bar.update(len(chunk.atomic_number))
     elements, pending = {}, {}
     for z, gatherer in gatherers.items():
         if gatherer.moments is None:
@@ -199,7 +205,7 @@ def prototypes_of_elements(sources: LatentSources, columns: np.ndarray, counts: 
             pending[z] = _StreamedElement(gatherer, settings)
         gatherers[z] = None
     if pending:
-        _statistics_pass(sources, columns, pending, settings.chunk_rows)
+        _statistics_pass(sources, columns, pending, settings.chunk_rows, sum(counts.values()))
         for z, element in pending.items():
             elements[z] = element.result()
             _report_notes_and_size(elements[z], report)
@@ -279,7 +285,9 @@ class _StreamedElement:
         )
 
 
-def _statistics_pass(sources: LatentSources, columns: np.ndarray, pending: dict, chunk_rows: int) -> None:
-    for chunk in sources.chunks(columns, chunk_rows):
-        for z, rows in _rows_by_element(chunk.atomic_number, pending):
-            pending[z].add(chunk.features[rows], chunk.energy[rows])
+def _statistics_pass(sources: LatentSources, columns: np.ndarray, pending: dict, chunk_rows: int, n_atoms: int) -> None:
+    with progress(total=n_atoms, desc="prototypes: member statistics", unit="atom") as bar:
+        for chunk in sources.chunks(columns, chunk_rows):
+            for z, rows in _rows_by_element(chunk.atomic_number, pending):
+                pending[z].add(chunk.features[rows], chunk.energy[rows])
+            bar.update(len(chunk.atomic_number))

@@ -78,6 +78,27 @@ def lambda_at_epoch(epoch: int, settings: ScheduleSettings) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class TermOption:
+    """A command-line option of a term, declared without click: ``<option_prefix>-<field with dashes>``
+    sets the settings' ``field``; ``kind`` is float, int or str (``choices`` for a str); ``help`` its text."""
+
+    field: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def schedule_options() -> tuple[TermOption, ...]:
+    """The options of the λ schedule every term has (after its ``weight``)."""
+    return (
+        TermOption("warmup_epochs", int, "λ rises linearly from 0 (epoch 0) to its full value at this epoch."),
+        TermOption("decay", str, "Decay of λ to 0 after the warmup.", choices=DECAYS),
+        TermOption("decay_epochs", int, "Epochs over which λ decays [default: mace's --max_num_epochs minus the warmup]."),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class AtomTargets:
     """What a term precomputed per target atom: ``target`` [n, width] and ``weight`` [n] >= 0."""
 
@@ -116,20 +137,23 @@ class TermValue:
 class LossTerm(abc.ABC):
     """A loss term: built from the target atoms before training, computed on every loss call.
 
-    Its settings are a ``ScheduleSettings`` subclass holding the term's own options. Class
-    attributes: ``name`` (its registry name), ``option_prefix`` (of its command-line options, for
-    messages), ``sum_names`` (the additive sums of ``TermValue``), ``lambda_key`` / ``settings_key``
-    (their keys in the JSONL records), ``log_name`` (the log label: ``train_<log_name>=``) and
-    ``needs_pretrained_latents``.
+    Its settings are a ``ScheduleSettings`` subclass (``settings_class``) holding the term's own
+    options. Class attributes: ``name`` (its registry name), ``option_prefix`` and ``options`` (its
+    command-line options, which the CLI builds from them), ``on_by_default`` (used unless the user
+    sets none of its options), ``sum_names`` (the additive sums of ``TermValue``), ``lambda_key`` /
+    ``settings_key`` (their keys in the JSONL records) and ``log_name`` (the log label:
+    ``train_<log_name>=``).
     """
 
     name: ClassVar[str]
+    settings_class: ClassVar[type[ScheduleSettings]]
     option_prefix: ClassVar[str]
+    options: ClassVar[tuple[TermOption, ...]]
+    on_by_default: ClassVar[bool] = False
     sum_names: ClassVar[tuple[str, ...]]
     lambda_key: ClassVar[str]
     settings_key: ClassVar[str]
     log_name: ClassVar[str]
-    needs_pretrained_latents: ClassVar[bool] = False
 
     def __init__(self, settings: ScheduleSettings, targets: AtomTargets):
         self.settings = settings
@@ -139,6 +163,11 @@ class LossTerm(abc.ABC):
     def check_settings(cls, settings: ScheduleSettings) -> None:
         """Raise ProtoalignError for impossible settings (the schedule's; subclasses add their own)."""
         check_schedule(settings, cls.option_prefix)
+
+    @classmethod
+    def needs_pretrained_latents(cls, settings: ScheduleSettings) -> bool:
+        """Whether ``build`` reads the target atoms' pretrained latent rows (``TargetAtoms.latent``)."""
+        return False
 
     @classmethod
     @abc.abstractmethod

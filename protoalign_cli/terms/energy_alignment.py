@@ -10,10 +10,8 @@ w_i >= 0, the term added to MACE's loss is
 the same element ('centered': only the within-element variation of the per-atom partition is
 aligned, so a per-element offset between levels of theory costs nothing).
 
-Weights (computed once, numpy) fall with the distance d_i to the prototype, measured in units of
-the prototype's radius R_p (95th percentile of its members' distances) times ``cutoff``:
-'hard' w = 1 if d <= cutoff·R else 0; 'gaussian' w = exp(−(d / (cutoff·R))² / 2). With a spread
-scale S (eV) a prototype whose members' energies spread by σ_p is down-weighted by 1/(1+(σ_p/S)²).
+Weights (computed once, numpy; ``protoalign_cli.terms.weighting``) fall with the distance d_i to the
+prototype in units of its radius times ``cutoff``, and optionally with its members' energy spread.
 """
 
 from __future__ import annotations
@@ -29,12 +27,14 @@ from protoalign_cli.terms.base import (
     LossTerm,
     ScheduleSettings,
     TermBatch,
+    TermOption,
     TermValue,
     reduce_weighted_mean,
+    schedule_options,
 )
 from protoalign_cli.terms.target_atoms import TargetAtoms
+from protoalign_cli.terms.weighting import check_weighting, prototype_weights, weighting_options
 
-WEIGHTINGS = ("gaussian", "hard")
 REFERENCES = ("centered", "absolute")
 DEFAULT_WEIGHT = 0.01  # inert in every bench of docs/results.md; no λ there beat plain fine-tuning
 
@@ -55,28 +55,6 @@ class AlignmentSettings(ScheduleSettings):
     reference: str = "centered"
 
 
-def distance_weights(distance: np.ndarray, radius: np.ndarray, cutoff: float, weighting: str) -> np.ndarray:
-    """Per-atom weight in [0, 1] from the distance to the assigned prototype and that prototype's radius.
-
-    Distances and radii are in the same (standardized latent) units. A prototype of radius 0
-    gives weight 1 only to atoms exactly on it.
-    """
-    distance = np.asarray(distance, dtype=np.float64)
-    scale = cutoff * np.asarray(radius, dtype=np.float64)
-    ratio = np.divide(distance, scale, out=np.where(distance > 0, np.inf, 0.0), where=scale > 0)
-    if weighting == "hard":
-        return (ratio <= 1.0).astype(np.float64)
-    return np.exp(-0.5 * ratio**2)
-
-
-def spread_weights(energy_std: np.ndarray, spread_scale: float | None) -> np.ndarray:
-    """Down-weighting 1/(1+(σ/S)²) of prototypes whose member energies spread by σ (eV); 1 when S is None."""
-    energy_std = np.asarray(energy_std, dtype=np.float64)
-    if spread_scale is None:
-        return np.ones_like(energy_std)
-    return 1.0 / (1.0 + (energy_std / spread_scale) ** 2)
-
-
 def atom_targets_and_weights(prototype_id: np.ndarray, distance: np.ndarray, radius: np.ndarray,
                              energy_mean: np.ndarray, energy_std: np.ndarray,
                              settings: AlignmentSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -86,11 +64,10 @@ def atom_targets_and_weights(prototype_id: np.ndarray, distance: np.ndarray, rad
     """
     prototype_id = np.asarray(prototype_id, dtype=np.int64)
     assigned = prototype_id >= 0
-    safe = np.where(assigned, prototype_id, 0)
-    target = np.where(assigned, np.asarray(energy_mean, dtype=np.float64)[safe], 0.0)
-    weight = distance_weights(distance, np.asarray(radius)[safe], settings.cutoff, settings.weighting)
-    weight = weight * spread_weights(np.asarray(energy_std)[safe], settings.spread_scale)
-    return target, np.where(assigned, weight, 0.0)
+    target = np.where(assigned, np.asarray(energy_mean, dtype=np.float64)[np.where(assigned, prototype_id, 0)], 0.0)
+    weight = prototype_weights(prototype_id, distance, radius, energy_std, settings.weighting, settings.cutoff,
+                               settings.spread_scale)
+    return target, weight
 
 
 def centered_residual(residual, weight, element_index, n_elements: int):
@@ -128,7 +105,21 @@ class EnergyAlignmentTerm(LossTerm):
     """Pulls each target atom's energy minus E0 in the trained model toward its prototype's mean (eV²)."""
 
     name = "energy_alignment"
+    settings_class = AlignmentSettings
     option_prefix = "--align"
+    options = (
+        TermOption("weight", float, "λ (dimensionless): weight of the alignment term, a mean squared per-atom energy "
+                                    "residual in eV², added to MACE's loss; 0 trains exactly as plain MACE. The default "
+                                    "is harmless, not helpful: on the benchmarks in docs/results.md no λ beat plain "
+                                    "fine-tuning. Choose it on your validation set with `protoalign bench`.",
+                   metavar="LAMBDA"),
+        TermOption("reference", str, "centered: align each atom's energy relative to the mean of its element in the "
+                                     "batch (insensitive to per-element offsets between levels of theory); absolute: "
+                                     "align the energy itself.", choices=REFERENCES),
+        *weighting_options(),
+        *schedule_options(),
+    )
+    on_by_default = True
     sum_names = ("weighted_square_sum", "weight_sum")
     lambda_key = "lambda"
     settings_key = "settings"
@@ -142,12 +133,7 @@ class EnergyAlignmentTerm(LossTerm):
     def check_settings(cls, settings: AlignmentSettings) -> None:
         """The schedule's checks, then the weighting's."""
         super().check_settings(settings)
-        if settings.weighting not in WEIGHTINGS:
-            raise ProtoalignError(f"--align-weighting must be one of {', '.join(WEIGHTINGS)}")
-        if not settings.cutoff > 0:
-            raise ProtoalignError(f"--align-cutoff must be > 0, got {settings.cutoff}")
-        if settings.spread_scale is not None and not settings.spread_scale > 0:
-            raise ProtoalignError(f"--align-spread-scale must be > 0 (eV), got {settings.spread_scale}")
+        check_weighting(settings.weighting, settings.cutoff, settings.spread_scale, cls.option_prefix)
         if settings.reference not in REFERENCES:
             raise ProtoalignError(f"--align-reference must be one of {', '.join(REFERENCES)}")
 

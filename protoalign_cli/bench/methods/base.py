@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from protoalign_cli.bench.config import BenchConfig
     from protoalign_cli.bench.source import SourceProduct
 
-COMMON_KEYS = frozenset({"name", "method", "args", "budgets", "seeds"})
+COMMON_KEYS = frozenset({"name", "method", "args", "budgets", "seeds", "refit_offset"})
 
 
 def fine_tuning_arguments(config: BenchConfig) -> list[str]:
@@ -33,7 +33,9 @@ class Method:
     """One ``methods:`` entry of a bench config; as it stands, plain fine-tuning.
 
     ``name`` is unique in the config (the runs' folder), ``args`` are extra mace_run_train
-    arguments, ``budgets`` and ``seeds`` restrict the entry to part of the grid (None: all).
+    arguments, ``budgets`` and ``seeds`` restrict the entry to part of the grid (None: all);
+    ``refit_offset`` refits the trained model's E0s on its training split before it is evaluated
+    (``protoalign_cli.mace.offset``).
     """
 
     kind: ClassVar[str] = ""
@@ -44,6 +46,7 @@ class Method:
     args: tuple[str, ...] = ()
     budgets: tuple[int, ...] | None = None
     seeds: tuple[int, ...] | None = None
+    refit_offset: bool = False
 
     @classmethod
     def from_entry(cls, entry: dict, where: str) -> Method:
@@ -58,10 +61,15 @@ class Method:
         clash = harness_clash(args)
         if clash:
             raise ProtoalignError(f"{where}: {', '.join(clash)} is set by the harness; remove it")
+        refit_offset = entry.get("refit_offset", False)
+        if not isinstance(refit_offset, bool):
+            raise ProtoalignError(f"{where}.refit_offset must be true or false")
+        if refit_offset and not cls.trains:
+            raise ProtoalignError(f"{where}: refit_offset applies to methods that train; {cls.kind!r} trains nothing")
         return cls(name=name, args=args,
                    budgets=int_list(entry["budgets"], f"{where}.budgets") if "budgets" in entry else None,
                    seeds=int_list(entry["seeds"], f"{where}.seeds") if "seeds" in entry else None,
-                   **cls.own_fields(entry, where, name))
+                   refit_offset=refit_offset, **cls.own_fields(entry, where, name))
 
     @classmethod
     def own_fields(cls, entry: dict, where: str, name: str) -> dict:
@@ -75,7 +83,8 @@ class Method:
     @property
     def setting(self) -> str:
         """A short description of this method's own settings (runs.csv's ``setting`` column)."""
-        return self.describe()
+        parts = [self.describe(), "offset refit" if self.refit_offset else ""]
+        return " + ".join(part for part in parts if part)
 
     def describe(self) -> str:
         """This kind's settings in words and arguments."""

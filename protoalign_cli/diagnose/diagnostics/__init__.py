@@ -16,7 +16,7 @@ from protoalign_cli.diagnose.diagnostics.predictor import predictor_of
 from protoalign_cli.diagnose.diagnostics.sites import sites_of
 from protoalign_cli.diagnose.diagnostics.spread import spread_of
 from protoalign_cli.diagnose.diagnostics.usage import usage_of
-from protoalign_cli.diagnose.results import DiagnosticResult
+from protoalign_cli.diagnose.diagnostics.base import DiagnosticResult
 
 DIAGNOSTICS: dict[str, Callable[[DiagnosticContext], DiagnosticResult]] = {
     "coverage": coverage_of,

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from protoalign_cli.diagnose.context import DiagnosticContext
-from protoalign_cli.diagnose.results import DiagnosticResult, VerdictPart, format_optional
+from protoalign_cli.diagnose.diagnostics.base import DiagnosticResult, VerdictPart, format_optional
+from protoalign_cli.diagnose.figures import atom_energies_figure, save
 from protoalign_cli.diagnose.settings import SAFE_SCATTER_RATIO, WORST_PROTOTYPES_SHOWN
 from protoalign_cli.diagnose.stats import (
     atom_energy_agreement,
@@ -118,13 +119,12 @@ class AtomEnergiesResult(DiagnosticResult):
 
     def figures(self, folder: Path, context: DiagnosticContext) -> list[Path]:
         """atom_energies.png, with a fine-tuned model."""
-        from protoalign_cli.diagnose.figures import plot_atom_energies
-
         if self.finetuned is None:
             return []
         assigned = context.assignment.assigned
-        return [plot_atom_energies(folder / "atom_energies.png", context.assignment.atomic_number[assigned],
-                                   context.eps_star[assigned], context.finetuned_eps[assigned], self.finetuned)]
+        figure = atom_energies_figure(context.assignment.atomic_number[assigned], context.eps_star[assigned],
+                                      context.finetuned_eps[assigned], self.finetuned.by_element)
+        return [save(figure, folder / "atom_energies.png")]
 
     def verdict_for_element(self, name: str) -> VerdictPart:
         """Each model's bias and scatter; reasons: scatter ratio (both models) or pretrained bias ratio

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from protoalign_cli.diagnose.context import DiagnosticContext
-from protoalign_cli.diagnose.results import DiagnosticResult, VerdictPart, format_optional
-from protoalign_cli.diagnose.settings import SAFE_COVERAGE
+from protoalign_cli.diagnose.diagnostics.base import DiagnosticResult, VerdictPart, format_optional
+from protoalign_cli.diagnose.figures import map_figure, ratio_figure, save
+from protoalign_cli.diagnose.settings import MAP_POINTS_PER_ELEMENT, SAFE_COVERAGE
+from protoalign_cli.diagnose.source_atoms import sample_source_atoms
 from protoalign_cli.diagnose.stats import element_coverage, symbol
 
 
@@ -63,14 +65,14 @@ class CoverageResult(DiagnosticResult):
         return lines
 
     def figures(self, folder: Path, context: DiagnosticContext) -> list[Path]:
-        """map.png (latent map) and distance_ratio.png (ratio histograms)."""
-        from protoalign_cli.diagnose.figures import plot_map, plot_ratios
-
+        """map.png (latent map, with a sample of the source atoms) and distance_ratio.png (ratio histograms)."""
         a = context.assignment
+        source = sample_source_atoms(context.prototypes, MAP_POINTS_PER_ELEMENT)
         return [
-            plot_map(folder / "map.png", context.prototypes, context.target["latent"], a.atomic_number,
-                     a.prototype_id, a.ratio, self.radius_factor, context.map_method),
-            plot_ratios(folder / "distance_ratio.png", a.atomic_number, context.elements, a.ratio, self),
+            save(map_figure(context.prototypes, context.target["latent"], a.atomic_number, a.prototype_id, a.ratio,
+                            self.radius_factor, context.map_method, source), folder / "map.png"),
+            save(ratio_figure(a.atomic_number, context.elements, a.ratio, self.radius_factor, self.by_element),
+                 folder / "distance_ratio.png"),
         ]
 
     def verdict_for_element(self, name: str) -> VerdictPart:

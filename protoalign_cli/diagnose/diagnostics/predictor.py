@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from protoalign_cli.diagnose.context import DiagnosticContext
-from protoalign_cli.diagnose.results import DiagnosticResult, VerdictPart, format_optional
+from protoalign_cli.diagnose.diagnostics.base import DiagnosticResult, VerdictPart, format_optional
+from protoalign_cli.diagnose.figures import predictor_figure, save
 from protoalign_cli.diagnose.settings import PREDICTORS
 from protoalign_cli.diagnose.stats import (
     beyond_composition,
@@ -81,9 +82,9 @@ class PredictorResult(DiagnosticResult):
 
     def figures(self, folder: Path, context: DiagnosticContext) -> list[Path]:
         """predictor.png, when the predictor was measured."""
-        from protoalign_cli.diagnose.figures import plot_predictor
-
-        return [plot_predictor(folder / "predictor.png", self)] if self.available else []
+        if not self.available:
+            return []
+        return [save(predictor_figure(self.beyond_composition_eV, self.errors), folder / "predictor.png")]
 
     def verdict_overall(self) -> VerdictPart:
         """The predictor's error against composition only (it gives no reason: it does not decide SAFE)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from protoalign_cli.diagnose.context import DiagnosticContext
-from protoalign_cli.diagnose.results import DiagnosticResult, format_optional
+from protoalign_cli.diagnose.diagnostics.base import RowsResult, format_optional, markdown_table
 from protoalign_cli.diagnose.stats import site_statistics
 
 
@@ -22,15 +22,8 @@ class Site:
     pretrained_bias_meV: float | None
 
 
-@dataclasses.dataclass
-class SitesResult(DiagnosticResult):
-    """The sites of every fixed-molecule target file (none: no section)."""
-
-    rows: list[Site]
-
-    def to_json(self) -> list[dict]:
-        """report.json holds the rows as a list."""
-        return [dataclasses.asdict(row) for row in self.rows]
+class SitesResult(RowsResult):
+    """The sites (``rows``: ``Site``) of every fixed-molecule target file (none: no section)."""
 
     def markdown(self) -> list[str]:
         """The Sites table, when a target file holds a fixed molecule."""
@@ -39,11 +32,11 @@ class SitesResult(DiagnosticResult):
         return ["## Sites", "",
                 "Per atom position of the fixed-molecule target files: coverage over the configurations, median "
                 "distance ratio, and the mean pretrained eps_i - eps*_p(i).", "",
-                "| file | atom | element | configs | coverage | median ratio | pretrained eps - eps* (meV) |",
-                "| ---: | ---: | --- | ---: | ---: | ---: | ---: |",
-                *(f"| {row.file} | {row.atom_index} | {row.element} | {row.n_configs} | {row.coverage:.3f} | "
-                  f"{format_optional(row.ratio_median, 2)} | {format_optional(row.pretrained_bias_meV, 0)} |"
-                  for row in self.rows)]
+                *markdown_table(("file", "atom", "element", "configs", "coverage", "median ratio",
+                                 "pretrained eps - eps* (meV)"), "rrlrrrr",
+                                ((str(row.file), str(row.atom_index), row.element, str(row.n_configs),
+                                  f"{row.coverage:.3f}", format_optional(row.ratio_median, 2),
+                                  format_optional(row.pretrained_bias_meV, 0)) for row in self.rows))]
 
 
 def sites_of(context: DiagnosticContext) -> SitesResult:

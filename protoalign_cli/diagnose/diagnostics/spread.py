@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from protoalign_cli.diagnose.context import DiagnosticContext
-from protoalign_cli.diagnose.results import DiagnosticResult
+from protoalign_cli.diagnose.diagnostics.base import DiagnosticResult
 from protoalign_cli.diagnose.stats import symbol, wide_prototypes
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from protoalign_cli.diagnose.context import DiagnosticContext
-from protoalign_cli.diagnose.results import DiagnosticResult
+from protoalign_cli.diagnose.diagnostics.base import RowsResult, markdown_table
 from protoalign_cli.diagnose.stats import symbol
 
 
@@ -23,24 +23,17 @@ class PrototypeUsage:
     radius: float
 
 
-@dataclasses.dataclass
-class UsageResult(DiagnosticResult):
-    """One row per prototype, in prototype order."""
-
-    rows: list[PrototypeUsage]
-
-    def to_json(self) -> list[dict]:
-        """report.json holds the rows as a list."""
-        return [dataclasses.asdict(row) for row in self.rows]
+class UsageResult(RowsResult):
+    """One row (``PrototypeUsage``) per prototype, in prototype order."""
 
     def markdown(self) -> list[str]:
         """The Prototype usage table."""
         return ["## Prototype usage", "",
-                "| prototype | element | source atoms | target atoms | target share | eps* (eV) | std (meV) | radius |",
-                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-                *(f"| {row.prototype} | {row.element} | {row.source_count} | {row.target_count} | "
-                  f"{row.target_fraction:.1%} | {row.energy_mean_eV:.3f} | {row.energy_std_meV:.1f} | "
-                  f"{row.radius:.2f} |" for row in self.rows)]
+                *markdown_table(("prototype", "element", "source atoms", "target atoms", "target share", "eps* (eV)",
+                                 "std (meV)", "radius"), "rlrrrrrr",
+                                ((str(row.prototype), row.element, str(row.source_count), str(row.target_count),
+                                  f"{row.target_fraction:.1%}", f"{row.energy_mean_eV:.3f}",
+                                  f"{row.energy_std_meV:.1f}", f"{row.radius:.2f}") for row in self.rows))]
 
 
 def usage_of(context: DiagnosticContext) -> UsageResult:
