@@ -59,3 +59,19 @@ def tiny_plain_model(tiny_dir) -> Path:
 def molecules_xyz(tiny_dir) -> Path:
     """24 rattled small molecules (H, C, N, O) with EMT-based REF_energy/REF_forces."""
     return write_molecules(tiny_dir / "molecules.xyz")
+
+
+@pytest.fixture(scope="session")
+def prototypes_file(tiny_model, molecules_xyz, tmp_path_factory) -> Path:
+    """Prototypes (2 per element) of the tiny model's latents over its own molecules (extract + prototypes)."""
+    from click.testing import CliRunner
+
+    from protoalign_cli.cli import main
+
+    folder = tmp_path_factory.mktemp("prototypes")
+    latents, prototypes = folder / "latents.h5", folder / "prototypes.h5"
+    for args in (("extract", "--model", tiny_model, "--configs", molecules_xyz, "--out", latents),
+                 ("prototypes", latents, "--out", prototypes, "--k", "2")):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, (result.output, result.stderr)
+    return prototypes

@@ -59,3 +59,15 @@ def unwritable_folder(folder: Path) -> Path:
     if not Path("/sys").is_dir():
         pytest.skip("running as root without /sys: no folder is unwritable")
     return Path("/sys")
+
+
+TINY_BENCH = """name: tiny
+foundation_model: {model}
+target: {{files: {target}}}
+split: {{pool: [0, 12], valid: [12, 16], test: [16, 24]}}
+budgets: [6]
+seeds: [0]
+mace_args: {{E0s: estimated, max_num_epochs: 1, batch_size: 2, default_dtype: float64}}
+methods:
+  - {{method: naive}}
+"""  # a one-run bench over a tiny model and 24 labelled molecules: format(model=..., target=...)

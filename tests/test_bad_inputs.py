@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from helpers import assert_one_line_error, assert_untouched, snapshot, unwritable_folder
+from helpers import TINY_BENCH, assert_one_line_error, assert_untouched, snapshot, unwritable_folder
 from prototype_files import split_into_shards, write_synthetic_latents
 
 from protoalign_cli.cli import main
@@ -178,21 +178,11 @@ def finished_run(folder: Path, kit: Kit) -> list:
     return finetune(kit)
 
 
-BENCH = """name: tiny
-foundation_model: {model}
-target: {{files: {train}}}
-split: {{pool: [0, 12], valid: [12, 16], test: [16, 24]}}
-budgets: [6]
-seeds: [0]
-mace_args: {{E0s: estimated, max_num_epochs: 1, batch_size: 2, default_dtype: float64}}
-methods:
-  - {{method: naive}}
-"""
 
 
 def bench(folder: Path, kit: Kit, *extra, old: str = "", new: str = "") -> list:
     """``bench bench.yaml --out out``, the config being the valid tiny one with ``old`` replaced by ``new``."""
-    text = BENCH.format(model=kit.model, train=kit.train)
+    text = TINY_BENCH.format(model=kit.model, target=kit.train)
     assert old in text
     write(folder, "bench.yaml", text.replace(old, new) if old else text)
     return ["bench", "bench.yaml", "--out", "out", *extra]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from helpers import assert_one_line_error, assert_untouched, snapshot, unwritable_folder
+from helpers import TINY_BENCH, assert_one_line_error, assert_untouched, snapshot, unwritable_folder
 
 from protoalign_cli import extract as extract_module
 from protoalign_cli.cli import main
@@ -26,16 +26,6 @@ from protoalign_cli.io.outputs import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("extract", "merge-latents", "prototypes", "diagnose", "finetune", "bench")
-BENCH = """name: tiny
-foundation_model: {model}
-target: {{files: {configs}}}
-split: {{pool: [0, 12], valid: [12, 16], test: [16, 24]}}
-budgets: [6]
-seeds: [0]
-mace_args: {{E0s: estimated, max_num_epochs: 1, batch_size: 2, default_dtype: float64}}
-methods:
-  - {{method: naive}}
-"""
 
 
 def run_cli(*args):
@@ -60,7 +50,7 @@ def inputs(tmp_path_factory, tiny_model, molecules_xyz) -> dict[str, Path]:
     latents, prototypes, bench = folder / "latents.h5", folder / "prototypes.h5", folder / "bench.yaml"
     run_extract(ExtractRequest(model=str(tiny_model), configs=[molecules_xyz], out=latents, progress=False))
     build_prototypes(PrototypesRequest(latents=[latents], out=prototypes, k=2))
-    bench.write_text(BENCH.format(model=tiny_model, configs=molecules_xyz))
+    bench.write_text(TINY_BENCH.format(model=tiny_model, target=molecules_xyz))
     return {"model": tiny_model, "configs": molecules_xyz, "latents": latents, "prototypes": prototypes,
             "bench": bench}
 

@@ -84,18 +84,6 @@ def metrics(work_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def prototypes_file(tiny_model, molecules_xyz, tmp_path_factory) -> Path:
-    """Prototypes (2 per element) of the tiny model's latents over its own molecules."""
-    folder = tmp_path_factory.mktemp("prototypes")
-    latents, prototypes = folder / "latents.h5", folder / "prototypes.h5"
-    for args in (("extract", "--model", tiny_model, "--configs", molecules_xyz, "--out", latents),
-                 ("prototypes", latents, "--out", prototypes, "--k", "2")):
-        result = run_cli(*args)
-        assert result.exit_code == 0, (result.output, result.stderr)
-    return prototypes
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, molecules_xyz, prototypes_file) -> dict[str, Path]:
     """Work folders of: plain mace_run_train, finetune at λ = 0, finetune at λ = 1 with a 3-epoch warmup
     (--verbose). Each finetune's standard output is kept next to its folder (``<name>.stdout``)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import assert_one_line_error, assert_untouched, snapshot
+from helpers import assert_one_line_error, assert_untouched, snapshot, unwritable_folder
 
 from protoalign_cli.cli import main
 
@@ -24,21 +24,6 @@ def mace_args(work_dir: str, train_file: str = "train.xyz", *extra: str) -> list
     """mace_run_train arguments naming a run 'tiny' (seed 1) in ``work_dir``."""
     return ["--name", "tiny", "--seed", "1", "--work_dir", work_dir, "--foundation_model", "foundation.model",
             "--train_file", train_file, "--max_num_epochs", "1", *extra]
-
-
-def read_only_folder(folder: Path) -> Path:
-    """A folder that does not accept new files: ``locked/`` made read-only, or /sys where root ignores that."""
-    locked = folder / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        (locked / "probe").touch()
-    except PermissionError:
-        return locked
-    (locked / "probe").unlink()
-    if not Path("/sys").is_dir():
-        pytest.skip("running as root without /sys: no folder is unwritable")
-    return Path("/sys")
 
 
 @pytest.fixture
@@ -80,7 +65,7 @@ def test_refused_before_anything_runs(case, fragments, inputs):
         (inputs / "notes.txt").write_text("x")
         work_dir = "notes.txt/run"
     else:
-        work_dir = str(read_only_folder(inputs) / "run")
+        work_dir = str(unwritable_folder(inputs) / "run")
     before, folders = snapshot(inputs), sorted(p for p in inputs.rglob("*") if p.is_dir())
     result = run_cli("finetune", "--prototypes", "prototypes.h5", *options, "--",
                      *mace_args(work_dir, "train.xyz", *extra))

@@ -95,18 +95,6 @@ def test_element_errors_name_the_file_the_configuration_and_the_symbol(tmp_path)
 # --------------------------------------------------------------------------- finetune
 
 
-@pytest.fixture(scope="module")
-def prototypes_file(tiny_model, molecules_xyz, tmp_path_factory) -> Path:
-    """Prototypes (2 per element) of the tiny model over its own molecules."""
-    folder = tmp_path_factory.mktemp("label_prototypes")
-    latents, prototypes = folder / "latents.h5", folder / "prototypes.h5"
-    for args in (("extract", "--model", tiny_model, "--configs", molecules_xyz, "--out", latents),
-                 ("prototypes", latents, "--out", prototypes, "--k", "2")):
-        result = run_cli(*args)
-        assert result.exit_code == 0, (result.output, result.stderr)
-    return prototypes
-
-
 def finetune_error(tmp_path, prototypes_file, tiny_model, molecules_xyz, *files, keys=()):
     """Run finetune on a fresh work dir with the given mace file options; the work dir must stay empty."""
     work_dir = tmp_path / "work"

@@ -7,12 +7,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import mace  # noqa: F401  (before e3nn/torch users)
 import torch
 
-from protoalign_cli.cli import main
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.terms.base import TermBatch
 from protoalign_cli.terms.latent_alignment import (
@@ -49,7 +47,7 @@ def test_standardized_uses_each_atoms_element_map():
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tiny_model, molecules_xyz, tmp_path_factory):
+def tiny_setup(tiny_model, molecules_xyz, prototypes_file):
     """The tiny model, its prototypes (k = 2, every feature), the molecules' target atoms with latents,
     and one batch of all molecules with the model's output."""
     import ase.io
@@ -61,13 +59,7 @@ def tiny_setup(tiny_model, molecules_xyz, tmp_path_factory):
     from mace.tools import torch_geometric
     from mace.tools.torch_tools import default_dtype
 
-    folder = tmp_path_factory.mktemp("latent_term")
-    latents, prototypes_path = folder / "latents.h5", folder / "prototypes.h5"
-    for args in (("extract", "--model", tiny_model, "--configs", molecules_xyz, "--out", latents),
-                 ("prototypes", latents, "--out", prototypes_path, "--k", "2")):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        assert result.exit_code == 0, (result.output, result.stderr)
-    prototypes = load_prototypes(prototypes_path)
+    prototypes = load_prototypes(prototypes_file)
     model = load_model(tiny_model, "cpu", "float64")
     info = describe_model(model, tiny_model)
     configurations = ase.io.read(molecules_xyz, ":")

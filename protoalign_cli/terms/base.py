@@ -212,3 +212,40 @@ def reduce_weighted_mean(weighted_sum, weight_sum, ddp: bool):
     total_weight = total_weight.to(weighted_sum.dtype)
     safe_total = torch.where(total_weight > 0, total_weight, torch.ones_like(total_weight))
     return torch.where(total_weight > 0, weighted_sum * world_size / safe_total, weighted_sum * 0.0)
+
+
+class WeightedMeanTerm(LossTerm):
+    """A term that is a weighted mean over the target atoms, Σ_i w_i x_i / Σ_i w_i: its sums, its record (the mean
+    under ``record_key``, None without weight, and Σ w under 'weight') and its log value (``format_mean``)."""
+
+    sum_names = ("weighted_square_sum", "weight_sum")
+    record_key: ClassVar[str]
+
+    @staticmethod
+    def weighted_value(per_atom, weight, ddp: bool) -> TermValue:
+        """The term Σ w x / Σ w of per-atom values ``per_atom`` (reduced over ranks under DDP) and its sums (torch)."""
+        weighted_square_sum = (weight * per_atom).sum()
+        weight_sum = weight.sum()
+        term = reduce_weighted_mean(weighted_square_sum, weight_sum, ddp)
+        return TermValue(term, {"weighted_square_sum": weighted_square_sum.detach(), "weight_sum": weight_sum.detach()})
+
+    def summarize(self, sums: dict[str, float]) -> dict:
+        """The weighted mean (None without weight) under ``record_key``, and Σ w under 'weight'."""
+        weight_sum = sums["weight_sum"]
+        return {self.record_key: sums["weighted_square_sum"] / weight_sum if weight_sum > 0 else None,
+                "weight": weight_sum}
+
+    def format_value(self, record: dict) -> str:
+        """``format_mean`` of the phase's mean, or 'n/a' without weighted atoms."""
+        value = record[self.record_key]
+        return "n/a (no weighted atoms)" if value is None else self.format_mean(value)
+
+    @abc.abstractmethod
+    def format_mean(self, value: float) -> str:
+        """One log value of a weighted mean, with its unit."""
+
+
+def schedule_description(settings: ScheduleSettings) -> str:
+    """'lambda=…, warmup_epochs=…[, decay=… over … epochs]' for a term's log line."""
+    decay = "" if settings.decay == "none" else f", decay={settings.decay} over {settings.decay_epochs} epochs"
+    return f"lambda={settings.weight}, warmup_epochs={settings.warmup_epochs}{decay}"

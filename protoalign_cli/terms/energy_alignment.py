@@ -1,4 +1,4 @@
-"""The prototype energy alignment term: its per-atom weights, the term, and its ``LossTerm``.
+"""The prototype energy alignment term: its per-atom targets and weights, the term, and its ``LossTerm``.
 
 For target-training atoms i with energy-minus-E0 ε_i (eV) in the model being trained, the
 nearest prototype p(i) in the pretrained latent space, its mean energy ε*_p (eV) and a weight
@@ -24,16 +24,21 @@ import numpy as np
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.terms.base import (
     AtomTargets,
-    LossTerm,
     ScheduleSettings,
     TermBatch,
     TermOption,
     TermValue,
-    reduce_weighted_mean,
+    WeightedMeanTerm,
+    schedule_description,
     schedule_options,
 )
 from protoalign_cli.terms.target_atoms import TargetAtoms
-from protoalign_cli.terms.weighting import check_weighting, prototype_weights, weighting_options
+from protoalign_cli.terms.weighting import (
+    check_weighting,
+    prototype_weights,
+    weighting_description,
+    weighting_options,
+)
 
 REFERENCES = ("centered", "absolute")
 DEFAULT_WEIGHT = 0.01  # inert in every bench of docs/results.md; no λ there beat plain fine-tuning
@@ -95,18 +100,17 @@ def alignment_residual(energy_minus_e0, target, weight, element_index, n_element
 def alignment_term(energy_minus_e0, target, weight, element_index, n_elements: int, reference: str, ddp: bool):
     """The weighted mean squared residual (eV²) and its parts (Σ w r², Σ w, both detached) of one batch."""
     residual = alignment_residual(energy_minus_e0, target, weight, element_index, n_elements, reference)
-    weighted_square_sum = (weight * residual.square()).sum()
-    weight_sum = weight.sum()
-    term = reduce_weighted_mean(weighted_square_sum, weight_sum, ddp)
-    return term, weighted_square_sum.detach(), weight_sum.detach()
+    value = WeightedMeanTerm.weighted_value(residual.square(), weight, ddp)
+    return value.term, value.sums["weighted_square_sum"], value.sums["weight_sum"]
 
 
-class EnergyAlignmentTerm(LossTerm):
+class EnergyAlignmentTerm(WeightedMeanTerm):
     """Pulls each target atom's energy minus E0 in the trained model toward its prototype's mean (eV²)."""
 
     name = "energy_alignment"
     settings_class = AlignmentSettings
     option_prefix = "--align"
+    record_key = "align"
     options = (
         TermOption("weight", float, "λ (dimensionless): weight of the alignment term, a mean squared per-atom energy "
                                     "residual in eV², added to MACE's loss; 0 trains exactly as plain MACE. The default "
@@ -120,7 +124,6 @@ class EnergyAlignmentTerm(LossTerm):
         *schedule_options(),
     )
     on_by_default = True
-    sum_names = ("weighted_square_sum", "weight_sum")
     lambda_key = "lambda"
     settings_key = "settings"
     log_name = "align"
@@ -172,22 +175,12 @@ class EnergyAlignmentTerm(LossTerm):
         )
         return TermValue(term, {"weighted_square_sum": weighted_square_sum, "weight_sum": weight_sum})
 
-    def summarize(self, sums: dict[str, float]) -> dict:
-        """``align``: the weighted mean (eV², None without weight); ``weight``: Σ w."""
-        weight_sum = sums["weight_sum"]
-        return {"align": sums["weighted_square_sum"] / weight_sum if weight_sum > 0 else None, "weight": weight_sum}
-
-    def format_value(self, record: dict) -> str:
+    def format_mean(self, value: float) -> str:
         """The weighted mean in eV² and as an rms in meV."""
-        value = record["align"]
-        if value is None:
-            return "n/a (no weighted atoms)"
         return f"{value:.4e} eV^2 ({1e3 * math.sqrt(value):.1f} meV rms)"
 
     def describe(self) -> str:
         """One line with the settings of the term."""
         s = self.settings
-        decay = "" if s.decay == "none" else f", decay={s.decay} over {s.decay_epochs} epochs"
-        spread = "" if s.spread_scale is None else f", spread_scale={s.spread_scale} eV"
-        return (f"lambda={s.weight}, warmup_epochs={s.warmup_epochs}{decay}, weighting={s.weighting}, "
-                f"cutoff={s.cutoff}x radius{spread}, reference={s.reference}")
+        return (f"{schedule_description(s)}, {weighting_description(s.weighting, s.cutoff, s.spread_scale)}, "
+                f"reference={s.reference}")

@@ -30,16 +30,21 @@ import numpy as np
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.terms.base import (
     AtomTargets,
-    LossTerm,
     ScheduleSettings,
     TermBatch,
     TermOption,
     TermValue,
-    reduce_weighted_mean,
+    WeightedMeanTerm,
+    schedule_description,
     schedule_options,
 )
 from protoalign_cli.terms.target_atoms import TargetAtoms
-from protoalign_cli.terms.weighting import check_weighting, prototype_weights, weighting_options
+from protoalign_cli.terms.weighting import (
+    check_weighting,
+    prototype_weights,
+    weighting_description,
+    weighting_options,
+)
 
 TARGETS = ("prototype", "pretrained")
 
@@ -89,13 +94,14 @@ def latent_residual_square(latent, mean, std, target):
     return ((latent - mean) / std - target).square().mean(dim=1)
 
 
-class LatentAlignmentTerm(LossTerm):
+class LatentAlignmentTerm(WeightedMeanTerm):
     """Pulls each target atom's standardized invariant latents toward its prototype's centroid or its own
     pretrained latents (standardized units²)."""
 
     name = "latent_alignment"
     settings_class = LatentAlignmentSettings
     option_prefix = "--latent"
+    record_key = "latent"
     options = (
         TermOption("weight", float, "λ (dimensionless) of the latent alignment term, a mean squared distance in "
                                     "standardized latent units; off unless given (0 = plain MACE, bit for bit).",
@@ -106,7 +112,6 @@ class LatentAlignmentTerm(LossTerm):
         *weighting_options(),
         *schedule_options(),
     )
-    sum_names = ("weighted_square_sum", "weight_sum")
     lambda_key = "latent_lambda"
     settings_key = "latent_settings"
     log_name = "latent"
@@ -178,31 +183,17 @@ class LatentAlignmentTerm(LossTerm):
         device = batch.weight.device
         latent = batch.pred["node_feats"][:, self._node_columns.to(device)].to(torch.float64)
         mean, std = (table.to(device)[batch.element_index] for table in self._map)
-        square = latent_residual_square(latent, mean, std, batch.target)
-        weighted_square_sum = (batch.weight * square).sum()
-        weight_sum = batch.weight.sum()
-        term = reduce_weighted_mean(weighted_square_sum, weight_sum, batch.ddp)
-        return TermValue(term, {"weighted_square_sum": weighted_square_sum.detach(), "weight_sum": weight_sum.detach()})
+        return self.weighted_value(latent_residual_square(latent, mean, std, batch.target), batch.weight, batch.ddp)
 
-    def summarize(self, sums: dict[str, float]) -> dict:
-        """``latent``: the weighted mean (standardized units², None without weight); ``weight``: Σ w."""
-        weight_sum = sums["weight_sum"]
-        return {"latent": sums["weighted_square_sum"] / weight_sum if weight_sum > 0 else None, "weight": weight_sum}
-
-    def format_value(self, record: dict) -> str:
+    def format_mean(self, value: float) -> str:
         """The weighted mean square and its root (standardized units)."""
-        value = record["latent"]
-        if value is None:
-            return "n/a (no weighted atoms)"
         return f"{value:.4e} ({math.sqrt(value):.3f} rms, standardized)"
 
     def describe(self) -> str:
         """One line with the settings of the term."""
         s = self.settings
-        decay = "" if s.decay == "none" else f", decay={s.decay} over {s.decay_epochs} epochs"
-        spread = "" if s.spread_scale is None else f", spread_scale={s.spread_scale} eV"
-        return (f"latent: lambda={s.weight}, target={s.target}, warmup_epochs={s.warmup_epochs}{decay}, "
-                f"weighting={s.weighting}, cutoff={s.cutoff}x radius{spread}, {len(self._latent_columns)} features")
+        return (f"latent: {schedule_description(s)}, target={s.target}, "
+                f"{weighting_description(s.weighting, s.cutoff, s.spread_scale)}, {len(self._latent_columns)} features")
 
 
 def _element_rows(elements: np.ndarray, atomic_numbers: np.ndarray) -> np.ndarray:

@@ -71,3 +71,9 @@ def check_weighting(weighting: str, cutoff: float, spread_scale: float | None, o
         raise ProtoalignError(f"{option_prefix}-cutoff must be > 0, got {cutoff}")
     if spread_scale is not None and not spread_scale > 0:
         raise ProtoalignError(f"{option_prefix}-spread-scale must be > 0 (eV), got {spread_scale}")
+
+
+def weighting_description(weighting: str, cutoff: float, spread_scale: float | None) -> str:
+    """'weighting=…, cutoff=…x radius[, spread_scale=… eV]' for a term's log line."""
+    spread = "" if spread_scale is None else f", spread_scale={spread_scale} eV"
+    return f"weighting={weighting}, cutoff={cutoff}x radius{spread}"
