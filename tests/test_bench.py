@@ -453,6 +453,7 @@ def test_tiny_grid_outputs_and_resumption(tmp_path, tiny_model, molecules_xyz):
     for r in rows:
         assert 0 < float(r["energy_mae_valid_shifted_mev"]) < 1e6 and r["energy_mean_error_mev"]
     assert "| E MAE shifted (meV) | ΔE shifted (%) |" in summary
+    assert "| valid F MAE (meV/Å) | train time (s) |" in summary  # the recipe is chosen on energies and forces
 
     before = done_times(out)
     output = run_bench(config, "--out", out, "--jobs", "2")

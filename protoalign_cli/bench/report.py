@@ -23,7 +23,8 @@ CSV_COLUMNS = ("method", "setting", "n_train", "seed", "energy_mae_mev", "energy
                "force_rmse_mev_per_a", "valid_energy_mae_mev", "valid_force_mae_mev_per_a",
                "wall_time_s", "device", "energy_mean_error_mev", "energy_mae_valid_shifted_mev",
                "valid_energy_mae_shifted_mev")
-MEAN_COLUMNS = ("energy_mae_mev", "energy_mae_mev_per_atom", "force_mae_mev_per_a", "valid_energy_mae_mev", "wall_time_s",
+MEAN_COLUMNS = ("energy_mae_mev", "energy_mae_mev_per_atom", "force_mae_mev_per_a", "valid_energy_mae_mev",
+                "valid_force_mae_mev_per_a", "wall_time_s",
                 "energy_mae_valid_shifted_mev", "valid_energy_mae_shifted_mev")
 DELTA_COLUMNS = ("energy_mae_mev", "force_mae_mev_per_a", "energy_mae_valid_shifted_mev")
 CURVE_COLUMNS = {"energy_mae_mev": "test energy MAE (meV)",
@@ -90,8 +91,8 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
     lines = [*_header(config),
              "| method | setting | N | seeds | E MAE (meV) | E MAE (meV/atom) | F MAE (meV/Å) | ΔE vs baseline (%) "
              "| ΔF vs baseline (%) | E MAE shifted (meV) | ΔE shifted (%) | valid E MAE (meV) | valid E MAE shifted (meV) "
-             "| train time (s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| valid F MAE (meV/Å) | train time (s) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method in config.methods:
         for n in sorted({r["n_train"] for r in rows if r["method"] == method.name}):
             lines.append(_table_row(config, method, n, aggregate(rows, method.name, n, config.baseline)))
@@ -152,7 +153,7 @@ def _table_row(config: BenchConfig, method, n_train: int, stats: dict) -> str:
             f"{delta('energy_mae_mev')} | {delta('force_mae_mev_per_a')} | "
             f"{plus_minus(stats['energy_mae_valid_shifted_mev'])} | {delta('energy_mae_valid_shifted_mev')} | "
             f"{plus_minus(stats['valid_energy_mae_mev'], 2)} | {plus_minus(stats['valid_energy_mae_shifted_mev'], 2)} | "
-            f"{stats['wall_time_s'][0]:.0f} |")
+            f"{plus_minus(stats['valid_force_mae_mev_per_a'], 2)} | {stats['wall_time_s'][0]:.0f} |")
 
 
 def plain_number_formatter():
