@@ -273,10 +273,13 @@ def test_learning_curve_ticks_read_true_values(spread):
              **{column: 756.67 + spread * step / 4 + shift for column in CURVE_COLUMNS}}
             for step, n in enumerate((10, 20, 50, 100)) for seed in (0, 1)
             for method, shift in (("naive", 0.0), ("align", spread / 10))]
-    labels = drawn_tick_labels(learning_curve_figure(rows, ["naive", "align"]))
+    figure = learning_curve_figure(rows, ["naive", "align"])
+    labels = drawn_tick_labels(figure)
     assert labels
     for value, text, span in labels:
         assert float(text.replace("\N{MINUS SIGN}", "-")) == pytest.approx(value, abs=span / 100), (value, text)
+    for axis in figure.axes:  # the N axis is labelled with the budgets, and only with them
+        assert [label.get_text() for label in axis.get_xticklabels() if label.get_text()] == ["10", "20", "50", "100"]
 
 
 def test_summary_paths_are_relative_to_where_the_bench_ran(tmp_path, tiny_model, molecules_xyz, monkeypatch):

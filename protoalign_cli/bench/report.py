@@ -173,6 +173,7 @@ def learning_curve_figure(rows: Sequence[dict], methods: Sequence[str]):
     Methods are drawn with distinct markers and a small horizontal offset so identical curves stay visible.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     figure = Figure(figsize=(15, 4), layout="tight")
     axes = figure.subplots(1, len(CURVE_COLUMNS))
@@ -186,12 +187,14 @@ def learning_curve_figure(rows: Sequence[dict], methods: Sequence[str]):
             axis.errorbar([n * offset for n in budgets], [s[0] for s in stats], yerr=[np.nan_to_num(s[1]) for s in stats],
                           marker="osD^vP*X"[position % 8], linestyle=("-", "--", ":", "-.")[position % 4], capsize=3,
                           label=method)
+    all_budgets = sorted({r["n_train"] for r in rows})
     for axis, label in zip(axes, CURVE_COLUMNS.values()):
         axis.set_xscale("log")
         axis.set_yscale("log")
-        for scale in (axis.xaxis, axis.yaxis):
-            scale.set_major_formatter(plain_number_formatter())
-            scale.set_minor_formatter(plain_number_formatter())
+        axis.set_xticks(all_budgets, [str(n) for n in all_budgets])  # the budgets, and only they, on the N axis
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.yaxis.set_major_formatter(plain_number_formatter())
+        axis.yaxis.set_minor_formatter(plain_number_formatter())
         axis.set_xlabel("training configurations N")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
