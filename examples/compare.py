@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,14 @@ def force_mae(predicted, reference) -> float:
 
 def model_errors(model: Path, frames: list, energy_key: str, forces_key: str) -> dict:
     """Energy MAE (meV/atom) and force MAE (meV/Å) of ``model`` on ``frames`` (ase.Atoms with reference labels)."""
+    from protoalign_cli.mace.models import import_mace_quietly
+
+    import_mace_quietly()
     from mace.calculators import MACECalculator
 
-    calculator = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
+    with warnings.catch_warnings():  # torch.load's weights_only notice, once per model: not the user's concern
+        warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
+        calculator = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
     energies, forces = [], []
     for atoms in frames:
         atoms = atoms.copy()
