@@ -9,6 +9,7 @@ import pytest
 
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.io.structures import (
+    NotPlainXyz,
     _xyz_species,
     iter_selected,
     parse_shard,
@@ -27,7 +28,7 @@ def ase_numbers(path):
 
 
 def test_quick_scan_agrees_with_ase_on_extxyz(molecules_xyz):
-    assert _xyz_species(Path(molecules_xyz)) == ase_numbers(molecules_xyz)
+    assert list(_xyz_species(Path(molecules_xyz))) == ase_numbers(molecules_xyz)
     assert scan_structures(molecules_xyz, HCNO) == 24
 
 
@@ -39,13 +40,13 @@ def test_quick_scan_follows_the_properties_column_order_and_vec_lines(tmp_path):
         "1\nProperties=pos:R:3:species:S:1\n0 0 0 N\n"
         "1\nplain xyz comment\nC 0 0 0\n"
     )
-    assert _xyz_species(odd) == ase_numbers(odd) == [[8, 1], [7], [6]]
+    assert list(_xyz_species(odd)) == ase_numbers(odd) == [[8, 1], [7], [6]]
     periodic = tmp_path / "periodic.xyz"  # plain xyz with the cell as VEC lines after the atoms
     periodic.write_text(
         "2\ncomment\nC 0 0 0\nC 0.9 0.9 0.9\nVEC1 3.6 0 0\nVEC2 0 3.6 0\nVEC3 0 0 3.6\n"
         "1\ncomment\nH 0 0 0\nVEC1 3 0 0\n"
     )
-    assert _xyz_species(periodic) == ase_numbers(periodic) == [[6, 6], [1]]
+    assert list(_xyz_species(periodic)) == ase_numbers(periodic) == [[6, 6], [1]]
 
 
 def test_other_formats_are_scanned_by_ase(tmp_path):
@@ -62,10 +63,12 @@ def test_other_formats_are_scanned_by_ase(tmp_path):
 def test_quick_scan_hands_odd_files_to_ase(tmp_path):
     no_species = tmp_path / "z.xyz"
     no_species.write_text("1\nProperties=Z:I:1:pos:R:3\n6 0 0 0\n")
-    assert _xyz_species(no_species) is None
+    with pytest.raises(NotPlainXyz):
+        list(_xyz_species(no_species))
     truncated = tmp_path / "t.xyz"
     truncated.write_text("3\ncomment\nC 0 0 0\n")
-    assert _xyz_species(truncated) is None
+    with pytest.raises(NotPlainXyz):
+        list(_xyz_species(truncated))
     with pytest.raises(ProtoalignError, match="cannot read structures from"):
         scan_structures(truncated, HCNO)
 
@@ -135,3 +138,20 @@ def test_empty_files_are_refused_with_one_wording(tmp_path, name, text):
     path.write_text(text)
     with pytest.raises(ProtoalignError, match=f"^structure file {path} holds no configurations$"):
         scan_structures(path, HCNO)
+
+
+def test_the_quick_scan_holds_one_frame_at_a_time(tmp_path):
+    """Scanning 20,000 frames allocates no more at its peak than scanning 200: nothing is kept per frame
+    (a list of atomic numbers per frame once grew by ~110 bytes a frame)."""
+    import tracemalloc
+
+    frame = "3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0 0 1\nH 0 1 0\n"
+    peaks = {}
+    for n in (200, 20_000):
+        path = tmp_path / f"w{n}.xyz"
+        path.write_text(frame * n)
+        tracemalloc.start()
+        assert scan_structures(path, HCNO) == n
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[20_000] < peaks[200] + 100_000  # bytes; the old scan needed ~2 MB more here

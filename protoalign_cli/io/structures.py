@@ -159,17 +159,29 @@ def scan_structures(path: Path, known_numbers: set[int], limit: int | None = Non
     path = Path(path)
     if not path.is_file():
         raise ProtoalignError(f"structure file {path} does not exist")
-    species = _xyz_species(path, limit) if path.suffix.lower() in XYZ_SUFFIXES else None
-    if species is None:
-        species = ([int(z) for z in atoms.numbers] for atoms in iter_structures(path))
+    count = None
+    if path.suffix.lower() in XYZ_SUFFIXES:
+        try:
+            count = _checked_count(_xyz_species(path, limit), known_numbers, path, limit)
+        except NotPlainXyz:
+            pass  # ASE reads it below, and its errors say what is wrong with the file
+    if count is None:
+        count = _checked_count(([int(z) for z in atoms.numbers] for atoms in iter_structures(path)), known_numbers,
+                               path, limit)
+    if count == 0:
+        raise empty_file_error(path)
+    return count
+
+
+def _checked_count(species: Iterator[list[int]], known_numbers: set[int], path: Path, limit: int | None) -> int:
+    """How many frames ``species`` yields (at most ``limit``), each checked for elements the model knows; one
+    frame at a time, so memory does not grow with the number of frames."""
     count = 0
     for numbers in species:
         if limit is not None and count == limit:
             break
         check_elements(numbers, known_numbers, path, count)
         count += 1
-    if count == 0:
-        raise empty_file_error(path)
     return count
 
 
@@ -201,25 +213,29 @@ def _spells_finite(tokens: Sequence[str]) -> bool:
     return "n" not in "".join(tokens).lower()
 
 
-def _xyz_species(path: Path, limit: int | None = None) -> list[list[int]] | None:
-    """Atomic numbers of every frame (the first ``limit``) of an (ext)xyz file, reading only counts, species
-    and positions (refused when not finite, like ``check_finite``).
+class NotPlainXyz(Exception):
+    """A file the quick (ext)xyz scan does not follow; ASE reads it instead."""
+
+
+def _xyz_species(path: Path, limit: int | None = None) -> Iterator[list[int]]:
+    """The atomic numbers of every frame (the first ``limit``) of an (ext)xyz file, one frame at a time, reading
+    only counts, species and positions (refused when not finite, like ``check_finite``).
 
     Follows ASE's frame layout (count line, comment line, atom lines, optional VEC lines; a blank
-    line ends the file). Returns None whenever the file is anything else, so that the caller falls
+    line ends the file). Raises NotPlainXyz whenever the file is anything else, so that the caller falls
     back to ASE, whose error messages then describe the problem.
     """
     from ase.data import atomic_numbers
 
-    frames = []
+    count = 0
     try:
         with open(path, encoding="utf-8") as handle:
             line = handle.readline()
-            while line.strip() and (limit is None or len(frames) < limit):
+            while line.strip() and (limit is None or count < limit):
                 natoms = int(line)
                 columns = _atom_columns(handle.readline())
                 if columns is None:
-                    return None
+                    raise NotPlainXyz(path)
                 species, position = columns
                 numbers, finite = [], True
                 for _ in range(natoms):
@@ -227,14 +243,14 @@ def _xyz_species(path: Path, limit: int | None = None) -> list[list[int]] | None
                     numbers.append(atomic_numbers[tokens[species]])
                     finite = finite and _spells_finite(tokens[position:position + 3])
                 if not finite:
-                    raise non_finite_error(path, len(frames), ["positions"])
-                frames.append(numbers)
+                    raise non_finite_error(path, count, ["positions"])
+                yield numbers
+                count += 1
                 line = handle.readline()
                 while line.lstrip().startswith("VEC"):
                     line = handle.readline()
     except (ValueError, KeyError, IndexError, UnicodeDecodeError):
-        return None
-    return frames
+        raise NotPlainXyz(path) from None
 
 
 def selected_indices(n_configs: int, shard: tuple[int, int], max_configs: int | None) -> range:
