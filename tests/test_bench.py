@@ -576,3 +576,12 @@ def test_refit_offset_is_refused_where_nothing_trains(tmp_path, tiny_model, mole
   - {name: best, method: select, from: [naive], refit_offset: true}"""
     with pytest.raises(ProtoalignError, match="refit_offset applies to methods that train"):
         load_config(write_config(tmp_path, tiny_model, molecules_xyz, methods))
+
+
+def test_a_run_records_its_command_with_paths_a_reader_can_follow(tmp_path, monkeypatch):
+    from protoalign_cli.bench.report import shown_command
+
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tmp_path / ".venv" / "bin" / "mace_run_train"), "--train_file", str(tmp_path / "splits" / "t.xyz"),
+            "--seed", "0"]
+    assert shown_command(argv) == [".venv/bin/mace_run_train", "--train_file", "splits/t.xyz", "--seed", "0"]

@@ -105,6 +105,11 @@ def summary_markdown(config: BenchConfig, rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def shown_command(argv: Sequence[str]) -> list[str]:
+    """A command line as a record a reader can follow: every absolute path in it as ``shown_path`` gives it."""
+    return [shown_path(Path(arg)) if Path(arg).is_absolute() else arg for arg in argv]
+
+
 def shown_path(path: Path, start: Path | None = None) -> str:
     """``path`` as a reader can follow it: relative to ``start`` (default: the working directory, where the
     bench ran), unless the two share no folder but the file-system root: then absolute.

@@ -20,7 +20,7 @@ from protoalign_cli.bench.evaluate import complete_metrics, evaluate_model, refi
 from protoalign_cli.bench.layout import (DONE, BenchLayout, Run, check_fingerprint, claimed, lock_holder,
                                          plan_runs, read_done, refit_model, reuse_finished, run_fingerprint,
                                          trained_model, trained_twin, training_command, write_done)
-from protoalign_cli.bench.report import summarize
+from protoalign_cli.bench.report import shown_command, summarize
 from protoalign_cli.bench.source import method_products, prepare_source
 from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.io.outputs import atomic_output
@@ -197,7 +197,7 @@ def _train_and_evaluate(config: BenchConfig, layout: BenchLayout, run: Run, prod
         "valid_energy_mae_mev": valid["energy_mae_mev"], "valid_force_mae_mev_per_a": valid["force_mae_mev_per_a"],
         "wall_time_s": round(wall, 1), "eval_time_s": round(time.perf_counter() - start, 1),
         "device": device_name(config.device), "evaluated_model": model_path.name,
-        "fingerprint": fingerprint, "command": command, **extra,
+        "fingerprint": fingerprint, "command": shown_command(command), **extra,
     }
     write_summary(folder / "run_summary.json", run_summary("bench-run", {"config": str(config.path), "run": run.label}, result))
     write_done(folder / DONE, result, overwrite=False)
