@@ -16,7 +16,8 @@ from helpers import assert_one_line_error
 from protoalign_cli.bench.config import load_config
 from protoalign_cli.bench.data import prepare_splits, training_order
 from protoalign_cli.bench.evaluate import shifted_metrics
-from protoalign_cli.bench.layout import BenchLayout, claimed, lock_holder, plan_runs, run_fingerprint, training_command
+from protoalign_cli.bench.layout import (BenchLayout, claimed, lock_holder, plan_runs, reuse_finished, run_fingerprint,
+                                         training_command)
 from protoalign_cli.bench.methods import parse_method
 from protoalign_cli.bench.report import CSV_COLUMNS, collect_rows, summary_markdown
 from protoalign_cli.bench.source import prepare_source, source_products
@@ -342,6 +343,25 @@ def test_fingerprint_follows_file_contents_not_folders(tmp_path, tiny_model, mol
     train = layouts[1].train_file(6, 0)
     train.write_text(train.read_text().replace("REF_energy=-", "REF_energy=-1"))
     assert run_fingerprint(config, layouts[1], runs[0], {}) != prints[0][0]
+
+
+def test_identical_training_of_another_bench_is_reused_under_any_entry_name(tmp_path, tiny_model, molecules_xyz):
+    other = BenchLayout(tmp_path / "other")
+    config = load_config(write_config(tmp_path, tiny_model, molecules_xyz, "  - {name: plain, method: naive}",
+                                      extra=f"reuse_runs_from: [{other.out}]"))
+    layout = BenchLayout(tmp_path / "out")
+    runs = plan_runs(config)
+    prepare_splits(config, layout, runs)
+    prints = [run_fingerprint(config, layout, run, {}) for run in runs]
+    for run, fingerprint in zip(runs, prints):  # seed 0 finished there as 'recipe-x', seed 1 with other settings
+        folder = other.out / "runs" / "recipe-x" / run.key
+        folder.mkdir(parents=True)
+        done = {"method": "recipe-x", "fingerprint": fingerprint if run.seed == 0 else "other", "energy_mae_mev": 1.0}
+        (folder / "done.json").write_text(json.dumps(done))
+    reused = [reuse_finished(config, layout, run, fingerprint) for run, fingerprint in zip(runs, prints)]
+    assert reused[1] is None
+    assert reused[0]["method"] == "plain" and reused[0]["reused_run"] == "recipe-x/N6_seed0"
+    assert json.loads((layout.run_dir(runs[0]) / "done.json").read_text()) == reused[0]
 
 
 # fingerprints of the bench before it became a package (protoalign_cli/bench.py at 884e3e5): finished

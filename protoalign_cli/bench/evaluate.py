@@ -77,7 +77,8 @@ def complete_metrics(config: BenchConfig, layout: BenchLayout, run: Run, say=pri
     done = read_done(path)
     if done is None or all(key in done for key in SHIFTED_METRICS):
         return
-    origin = Path(done["reused_from"]) / "runs" / run.method / run.key if "reused_from" in done else layout.run_dir(run)
+    origin = Path(done["reused_from"]) / "runs" / done.get("reused_run", f"{run.method}/{run.key}") \
+        if "reused_from" in done else layout.run_dir(run)
     model_path = final_model(origin)
     if not model_path.is_file():
         say(f"{run.label}: {model_path} is gone; its newer metrics stay empty")

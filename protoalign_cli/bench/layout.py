@@ -186,15 +186,23 @@ def check_fingerprint(done: dict, fingerprint: str, folder: Path) -> None:
 
 
 def reuse_finished(config: BenchConfig, layout: BenchLayout, run: Run, fingerprint: str) -> dict | None:
-    """Copy the done.json of an identical finished run from a ``reuse_runs_from`` bench, if any."""
+    """Copy the done.json of an identical finished run from a ``reuse_runs_from`` bench, if any.
+
+    Identical means the same fingerprint (the same training on the same files), whatever the entry's name
+    there; the entry of this run's name is looked at first. ``reused_run`` records which one it was.
+    """
     for other in config.reuse_runs_from:
-        done = read_done(other / "runs" / run.method / run.key / DONE)
-        if done is not None and done.get("fingerprint") == fingerprint:
+        paths = [other / "runs" / run.method / run.key / DONE, *sorted((other / "runs").glob(f"*/{run.key}/{DONE}"))]
+        for path in paths:
+            done = read_done(path)
+            if done is None or done.get("fingerprint") != fingerprint:
+                continue
             folder = layout.run_dir(run)
             if folder.exists():
                 shutil.rmtree(folder)  # what an unfinished attempt left
             folder.mkdir(parents=True)
-            done = {**done, "reused_from": str(other)}
+            done = {**done, "method": run.method, "reused_from": str(other),
+                    "reused_run": path.parent.relative_to(other / "runs").as_posix()}
             write_done(folder / DONE, done, overwrite=True)
             return done
     return None
