@@ -188,6 +188,12 @@ def bench(folder: Path, kit: Kit, *extra, old: str = "", new: str = "") -> list:
     return ["bench", "bench.yaml", "--out", "out", *extra]
 
 
+def tune(kit: Kit, *extra, train=None, foundation=None, out="tune_out") -> list:
+    """``tune`` of the kit's molecules with the tiny model (it would train 2 epochs if nothing stopped it)."""
+    return ["tune", "--foundation-model", foundation or kit.model, "--train", train or kit.train,
+            "--max-epochs", "2", "--out", out, *extra]
+
+
 # ----------------------------------------------------------------------------- the table
 
 Build = Callable[[Path, Kit], list]
@@ -293,6 +299,20 @@ CASES: list[tuple[str, Build]] = [
     ("bench/target-missing", lambda d, k: bench(d, k, old=str(k.train), new="absent.xyz")),
     ("bench/jobs-0", lambda d, k: bench(d, k, "--jobs", "0")),
     ("bench/only-unknown-method", lambda d, k: bench(d, k, "--only", "lora")),
+    # tune
+    ("tune/no-energy-labels", lambda d, k: tune(k, train=spoiled_file(d, k, "no energy key"))),
+    ("tune/nan-energy", lambda d, k: tune(k, train=spoiled_file(d, k, "nan energy"))),
+    ("tune/inf-force", lambda d, k: tune(k, train=spoiled_file(d, k, "inf force"))),
+    ("tune/too-few-for-folds", lambda d, k: tune(k, "--folds", "5", train=write_frames(d, "t.xyz", k.frames()[:4]))),
+    ("tune/unknown-element", lambda d, k: tune(k, train=spoiled_file(d, k, "unknown element"))),
+    ("tune/prototypes-other-model", lambda d, k: tune(k, "--prototypes", k.prototypes, foundation=k.other_model)),
+    ("tune/out-is-a-file", lambda d, k: tune(k, out=write(d, "tune_out", "an older result\n"))),
+    ("tune/out-other-settings", lambda d, k: write(d, "tune_out/tune.json", '{"max_epochs": 5}\n') and tune(k)),
+    ("tune/valid-and-folds", lambda d, k: tune(k, "--valid", k.train, "--folds", "3")),
+    ("tune/valid-fraction-0", lambda d, k: tune(k, "--valid-fraction", "0")),
+    ("tune/valid-fraction-1.5", lambda d, k: tune(k, "--valid-fraction", "1.5")),
+    ("tune/candidates-unknown-key", lambda d, k: tune(k, "--candidates", write(
+        d, "candidates.yaml", "- {name: lr3e-3, method: naive, epochs: 3}\n"))),
 ]
 IN_A_SUBPROCESS = {"finetune/without-dashes"}  # what the shell sees, once
 
@@ -337,7 +357,7 @@ def test_the_bench_config_of_the_table_is_valid(tmp_path, kit):
 def test_the_table_covers_every_command_with_at_least_40_cases():
     assert len(CASES) >= 40 and len({name for name, _ in CASES}) == len(CASES)
     assert {name.split("/")[0] for name, _ in CASES} == {"extract", "merge", "prototypes", "diagnose", "finetune",
-                                                         "bench"}
+                                                         "bench", "tune"}
 
 
 @pytest.mark.parametrize("name,build", CASES, ids=[name for name, _ in CASES])

@@ -25,7 +25,7 @@ from protoalign_cli.cli import main
 from protoalign_cli.io.outputs import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("extract", "merge-latents", "prototypes", "diagnose", "finetune", "bench")
+COMMANDS = ("extract", "merge-latents", "prototypes", "diagnose", "finetune", "bench", "tune")
 
 
 def run_cli(*args):
@@ -51,8 +51,11 @@ def inputs(tmp_path_factory, tiny_model, molecules_xyz) -> dict[str, Path]:
     run_extract(ExtractRequest(model=str(tiny_model), configs=[molecules_xyz], out=latents, progress=False))
     build_prototypes(PrototypesRequest(latents=[latents], out=prototypes, k=2))
     bench.write_text(TINY_BENCH.format(model=tiny_model, target=molecules_xyz))
+    candidates = folder / "candidates.yaml"
+    candidates.write_text("mace_args: [--E0s, average, --batch_size, '2', --default_dtype, float64]\n"
+                          "candidates: [{name: plain, method: naive}]\n")
     return {"model": tiny_model, "configs": molecules_xyz, "latents": latents, "prototypes": prototypes,
-            "bench": bench}
+            "bench": bench, "candidates": candidates}
 
 
 def command_writing_into(command: str, inputs: dict[str, Path], folder: Path) -> list:
@@ -64,6 +67,8 @@ def command_writing_into(command: str, inputs: dict[str, Path], folder: Path) ->
         "diagnose": ["diagnose", "--prototypes", inputs["prototypes"], "--configs", inputs["configs"],
                      "--out", folder / "diagnosis"],
         "bench": ["bench", inputs["bench"], "--out", folder / "bench"],
+        "tune": ["tune", "--foundation-model", inputs["model"], "--train", inputs["configs"], "--max-epochs", "1",
+                 "--candidates", inputs["candidates"], "--out", folder / "tune"],
     }[command]
 
 
@@ -115,7 +120,7 @@ def blocked_folder(tmp_path: Path, where: str) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("where", ["under a file", "unwritable"])
-@pytest.mark.parametrize("command", ["extract", "merge-latents", "prototypes", "diagnose", "bench"])
+@pytest.mark.parametrize("command", ["extract", "merge-latents", "prototypes", "diagnose", "bench", "tune"])
 def test_an_output_that_cannot_be_written_is_one_error_line_and_leaves_nothing(command, where, inputs, tmp_path):
     folder, expected = blocked_folder(tmp_path, where)
     before, inputs_before = snapshot(tmp_path), snapshot(inputs["latents"].parent)
@@ -195,7 +200,7 @@ def interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("command", ["extract", "merge-latents", "prototypes", "diagnose", "bench"])
+@pytest.mark.parametrize("command", ["extract", "merge-latents", "prototypes", "diagnose", "bench", "tune"])
 def test_an_interrupted_command_exits_130_with_one_error_line(command, inputs, tmp_path, monkeypatch):
     target = {
         "extract": (extract_module, "_write_batch"),  # inside the loop: the partial file is kept for --resume
@@ -203,13 +208,16 @@ def test_an_interrupted_command_exits_130_with_one_error_line(command, inputs, t
         "prototypes": (sys.modules["protoalign_cli.cli.prototypes"], "build_prototypes"),
         "diagnose": (importlib.import_module("protoalign_cli.diagnose"), "run_diagnose"),
         "bench": (importlib.import_module("protoalign_cli.bench.schedule"), "run_grid"),
+        "tune": (importlib.import_module("protoalign_cli.tune.run"), "run_pool"),  # while trainings run
     }[command]
     monkeypatch.setattr(*target, interrupt)
     result = run_cli(*command_writing_into(command, inputs, tmp_path))
-    line = assert_one_line_error(result, exit_code=130)
+    line = assert_one_line_error(result, exit_code=130, alone=command != "tune")  # tune said what it would run
     if command == "extract":
         assert line == f"Error: interrupted; {partial_path(tmp_path / 'l.h5')} kept, rerun with --resume to continue"
         assert partial_path(tmp_path / "l.h5").is_file()
+    elif command == "tune":
+        assert line == "Error: interrupted; finished trainings are kept; rerun the same command to resume"
     else:
         assert line == "Error: interrupted"
 

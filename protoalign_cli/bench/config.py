@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from protoalign_cli.bench.methods import REGISTRY, Method, parse_method
-from protoalign_cli.bench.values import as_args, frame_range, harness_clash, int_list, resolve_paths
+from protoalign_cli.bench.values import as_args, frame_range, harness_clash, int_list, read_yaml, resolve_paths
 from protoalign_cli.errors import ProtoalignError
 
 CONFIG_KEYS = ("name", "foundation_model", "device", "source", "target", "split", "budgets", "seeds", "mace_args",
@@ -101,14 +101,7 @@ def load_config(path: Path, check_files: bool = True) -> BenchConfig:
 
 def _read_mapping(path: Path) -> dict:
     """The YAML mapping of a bench file, with every required key and no unknown one."""
-    import yaml
-
-    if not path.is_file():
-        raise ProtoalignError(f"bench config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ProtoalignError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    raw = read_yaml(path, "bench config")
     if not isinstance(raw, dict):
         raise ProtoalignError(f"{path} must hold a mapping")
     for key in REQUIRED_KEYS:

@@ -90,7 +90,9 @@ def complete_metrics(config: BenchConfig, layout: BenchLayout, run: Run, say=pri
 
 
 def refit_offset(config: BenchConfig, train_file: Path, model_path: Path, out: Path) -> dict:
-    """Refit a trained model's E0s on its training split (``protoalign_cli.mace.offset``); the refit's record."""
+    """Refit a trained model's E0s on its training split (``protoalign_cli.mace.offset``); the refit's record.
+
+    ``config`` gives the energy key and the device (a BenchConfig, or tune's settings)."""
     import ase.io
 
     from protoalign_cli.mace.offset import refit_model_offset

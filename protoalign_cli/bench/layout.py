@@ -12,7 +12,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from protoalign_cli.bench import DEFAULT_OUT_ROOT
 from protoalign_cli.errors import ProtoalignError
@@ -133,12 +133,19 @@ def write_done(path: Path, done: dict, overwrite: bool) -> None:
         tmp.write_text(json.dumps(done, indent=2) + "\n")
 
 
+def shared_arguments(seed: int, train_file: Path, valid_file: Path, energy_key: str, forces_key: str, device: str,
+                     mace_args: Sequence[str]) -> list[str]:
+    """The mace_run_train arguments every training of a bench or a tune starts with: the model's name, the seed,
+    the work folder (the one it runs in), the data files and their label keys, the device, the shared recipe."""
+    return ["--name", MODEL_NAME, "--seed", str(seed), "--work_dir", ".", "--train_file", str(train_file),
+            "--valid_file", str(valid_file), "--energy_key", energy_key, "--forces_key", forces_key, "--device", device,
+            *mace_args]
+
+
 def harness_arguments(config: BenchConfig, layout: BenchLayout, run: Run) -> list[str]:
     """The mace_run_train arguments every method shares: name, seed, split files, keys, device, mace_args."""
-    return ["--name", MODEL_NAME, "--seed", str(run.seed), "--work_dir", ".",
-            "--train_file", str(layout.train_file(run.n_train, run.seed)), "--valid_file", str(layout.valid_file),
-            "--energy_key", config.energy_key, "--forces_key", config.forces_key, "--device", config.device,
-            *config.mace_args]
+    return shared_arguments(run.seed, layout.train_file(run.n_train, run.seed), layout.valid_file, config.energy_key,
+                            config.forces_key, config.device, config.mace_args)
 
 
 def training_command(config: BenchConfig, layout: BenchLayout, run: Run, products: dict[str, Path]) -> list[str]:
@@ -151,29 +158,38 @@ def training_command(config: BenchConfig, layout: BenchLayout, run: Run, product
     return method.command(arguments, products)
 
 
+def fingerprint(argv: Sequence[str], files: Mapping[str, Path], extra: Mapping | None = None) -> str:
+    """A hash of what defines a training's result: its command and the contents of its ``files`` (name -> path).
+
+    Files enter by content, not by path: in the command each file's path reads ``<name>``, so an identical
+    training in another folder has the same fingerprint. The program enters by name (``protoalign`` as
+    ``-m protoalign_cli``, as it was first run). ``extra``: more settings that define the result.
+    """
+    placeholders = {str(path): f"<{name}>" for name, path in files.items()}
+    # the program enters by name; ``protoalign`` as it was first run (``python -m protoalign_cli``): runs stay valid
+    command = ["-m", "protoalign_cli", *argv[1:]] if Path(argv[0]).name == "protoalign" else list(argv[1:])
+    parts = {
+        "command": [placeholders.get(arg, arg) for arg in command],
+        "files": {name: sha256_file(path) for name, path in files.items()},
+        **(extra or {}),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def run_fingerprint(config: BenchConfig, layout: BenchLayout, run: Run, products: dict[str, Path],
                     with_refit: bool = True) -> str:
-    """A hash of everything that defines a run's result: its command and the contents of its files.
+    """The ``fingerprint`` of a run: its training command and files (split files, foundation model, the source
+    products its method reads).
 
-    Files (split files, foundation model, the source products its method reads) enter by content,
-    not by path, so an identical run of another bench folder (``reuse_runs_from``) has the same
-    fingerprint. ``products`` maps source-product keys to paths (at least the method's). Without
-    ``with_refit`` it is the fingerprint of the run's training alone (as if it did not refit the offset).
+    An identical run of another bench folder (``reuse_runs_from``) has the same fingerprint. ``products`` maps
+    source-product keys to paths (at least the method's). Without ``with_refit`` it is the fingerprint of the
+    run's training alone (as if it did not refit the offset).
     """
     used = config.method(run.method).source_products(config, layout.source_dir)
     files = {"train": layout.train_file(run.n_train, run.seed), "valid": layout.valid_file, "test": layout.test_file,
              "foundation_model": config.foundation_model, **{k: v for k, v in products.items() if k in used}}
-    placeholders = {str(path): f"<{name}>" for name, path in files.items()}
-    argv = training_command(config, layout, run, products)
-    # the program enters by name; ``protoalign`` as it was first run (``python -m protoalign_cli``): runs stay valid
-    command = ["-m", "protoalign_cli", *argv[1:]] if Path(argv[0]).name == "protoalign" else argv[1:]
-    parts = {
-        "command": [placeholders.get(arg, arg) for arg in command],
-        "files": {name: sha256_file(path) for name, path in files.items()},
-    }
-    if with_refit and config.method(run.method).refit_offset:  # absent otherwise: earlier fingerprints stay valid
-        parts["refit_offset"] = True
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    refit = with_refit and config.method(run.method).refit_offset  # absent otherwise: earlier fingerprints stay valid
+    return fingerprint(training_command(config, layout, run, products), files, {"refit_offset": True} if refit else None)
 
 
 def check_fingerprint(done: dict, fingerprint: str, folder: Path) -> None:

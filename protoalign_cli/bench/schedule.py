@@ -1,5 +1,6 @@
 """Running a bench: the grid locally (``--jobs`` subprocesses, one per run), one run of it (what each
-subprocess or SLURM array task executes), and the SLURM array script."""
+subprocess or SLURM array task executes), and the SLURM array script. The subprocess pool (``run_pool``) and
+the array script (``write_array_script``) serve ``protoalign tune`` too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from protoalign_cli.bench import DEFAULT_JOBS
 from protoalign_cli.bench.command import cli_command, run_logged
@@ -28,6 +29,8 @@ from protoalign_cli.io.provenance import run_summary, write_summary
 
 if TYPE_CHECKING:
     from protoalign_cli.bench.config import BenchConfig
+
+T = TypeVar("T")
 
 
 def prepare(config: BenchConfig, out: Path, say=print) -> tuple[BenchLayout, list[Run], dict[str, Path]]:
@@ -57,9 +60,7 @@ def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print
     todo, n_done = _runs_to_do(config, layout, [r for r in runs if not only or r.method in only], len(runs), products, say)
     say(f"{len(runs)} runs{' (' + ', '.join(only) + ' only)' if only else ''}: {n_done} already done, "
         f"{len(todo)} to run, {jobs} at a time")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    failed = _schedule(config, layout, todo, jobs, env, len(runs), say)
+    failed = _schedule(config, layout, todo, jobs, pool_environment(jobs), len(runs), say)
     outputs = summarize(config, layout)
     result = {"done": n_done + len(todo) - len(failed), "ran": len(todo) - len(failed), "failed": [r.label for r in failed],
               "outputs": outputs}
@@ -95,36 +96,62 @@ def _runs_to_do(config: BenchConfig, layout: BenchLayout, runs: list[Run], total
 
 def _schedule(config: BenchConfig, layout: BenchLayout, todo: list[Run], jobs: int, env: dict, total: int, say) -> list[Run]:
     """Run ``todo`` as subprocesses, at most ``jobs`` at once; one progress line per state change."""
-    pending, active, failed = list(todo), {}, []
+
+    def command(run: Run) -> tuple[list[str], Path]:
+        say(f"[{run.index + 1}/{total}] {run.label}: running")
+        return cli_command("bench", str(config.path), "--out", str(layout.out), "--run-index", str(run.index),
+                           "--expect-run", f"{run.method}/{run.key}"), layout.log(run)
+
+    def finished(run: Run, status: int, elapsed: float) -> bool:
+        done = read_done(layout.run_dir(run) / DONE)
+        if status == 0 and done is not None:
+            say(f"[{run.index + 1}/{total}] {run.label}: done in {elapsed:.0f} s, test energy MAE "
+                f"{done['energy_mae_mev']:.1f} meV, force MAE {done['force_mae_mev_per_a']:.1f} meV/Å")
+            return True
+        say(f"[{run.index + 1}/{total}] {run.label}: FAILED after {elapsed:.0f} s (see {layout.log(run)})")
+        return False
+
+    return run_pool(todo, jobs, env, command, finished)
+
+
+def pool_environment(jobs: int) -> dict:
+    """The environment of ``jobs`` subprocesses at once: this one's, with the CPU cores shared out among them
+    (OMP_NUM_THREADS, unless set)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
+def run_pool(tasks: Sequence[T], jobs: int, env: dict, command: Callable[[T], tuple[list[str], Path]],
+             finished: Callable[[T, int, float], bool]) -> list[T]:
+    """Run one subprocess per task, at most ``jobs`` at once, in order; return the tasks that failed.
+
+    ``command(task)``: the argv and log file of a task (called as it starts); ``finished(task, exit status,
+    wall time in s)``: whether it succeeded (called as it ends). Each subprocess runs in its own session; on
+    an exception or SIGTERM the running ones get SIGTERM (they and the programs they started).
+    """
+    pending, active, failed = list(tasks), {}, []
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         while pending or active:
             while pending and len(active) < jobs:
-                run = pending.pop(0)
-                log = open(layout.log(run), "w")
-                argv = cli_command("bench", str(config.path), "--out", str(layout.out), "--run-index", str(run.index),
-                                   "--expect-run", f"{run.method}/{run.key}")
+                task = pending.pop(0)
+                argv, log_path = command(task)
+                log = open(log_path, "w")
                 process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                active[run] = (process, log, time.perf_counter())
-                say(f"[{run.index + 1}/{total}] {run.label}: running")
+                active[task] = (process, log, time.perf_counter())
             time.sleep(0.2)
-            for run, (process, log, start) in list(active.items()):
+            for task, (process, log, start) in list(active.items()):
                 if process.poll() is None:
                     continue
                 log.close()
-                del active[run]
-                done = read_done(layout.run_dir(run) / DONE)
-                elapsed = time.perf_counter() - start
-                if process.returncode == 0 and done is not None:
-                    say(f"[{run.index + 1}/{total}] {run.label}: done in {elapsed:.0f} s, test energy MAE "
-                        f"{done['energy_mae_mev']:.1f} meV, force MAE {done['force_mae_mev_per_a']:.1f} meV/Å")
-                else:
-                    failed.append(run)
-                    say(f"[{run.index + 1}/{total}] {run.label}: FAILED after {elapsed:.0f} s (see {layout.log(run)})")
+                del active[task]
+                if not finished(task, process.returncode, time.perf_counter() - start):
+                    failed.append(task)
     except BaseException:
         for process, log, _ in active.values():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)  # the run and the trainer it started
+                os.killpg(process.pid, signal.SIGTERM)  # the task and the programs it started
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
             log.close()
@@ -217,14 +244,20 @@ def write_slurm_script(config: BenchConfig, out: Path, say=print, sbatch_options
     """Prepare splits and source, then write an array-job script (one task per unfinished run)."""
     layout, runs, _ = prepare(config, out, say)
     todo = [r.index for r in runs if read_done(layout.run_dir(r) / DONE) is None]
-    script = layout.out / "bench.sbatch"
-    array = ",".join(str(i) for i in todo) or "0"
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=bench-{config.name}", f"#SBATCH --array={array}",
-             f"#SBATCH --output={layout.out / 'logs'}/slurm-%A_%a.log", *(f"#SBATCH {o}" for o in sbatch_options),
-             "# one task per unfinished run; afterwards rerun the same command without --slurm to summarise",
-             "set -euo pipefail",
-             shlex.join(cli_command("bench", str(config.path), "--out", str(layout.out), "--run-index")) + " $SLURM_ARRAY_TASK_ID",
-             ""]
+    return write_array_script(layout.out / "bench.sbatch", f"bench-{config.name}", todo, layout.out / "logs",
+                              sbatch_options, "one task per unfinished run; afterwards rerun the same command "
+                              "without --slurm to summarise",
+                              cli_command("bench", str(config.path), "--out", str(layout.out), "--run-index"))
+
+
+def write_array_script(script: Path, job_name: str, indices: Sequence[int], log_dir: Path,
+                       sbatch_options: Sequence[str], note: str, command: Sequence[str]) -> Path:
+    """Write a SLURM array-job script (atomically, replacing an earlier one): array tasks ``indices`` (0 when
+    none), logs in ``log_dir``, extra ``#SBATCH`` lines, a ``# note`` line; each task runs ``command`` with its
+    array index appended."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array={','.join(map(str, indices)) or '0'}",
+             f"#SBATCH --output={log_dir}/slurm-%A_%a.log", *(f"#SBATCH {o}" for o in sbatch_options),
+             f"# {note}", "set -euo pipefail", shlex.join(command) + " $SLURM_ARRAY_TASK_ID", ""]
     with atomic_output(script, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines))
     return script

@@ -14,6 +14,19 @@ HARNESS_ARGS = ("--name", "--seed", "--train_file", "--valid_file", "--test_file
                 "--forces_key", "--device")
 
 
+def read_yaml(path: Path, what: str):
+    """The parsed contents of a YAML file (``what`` names it in the error when it is missing, e.g. 'bench config');
+    ProtoalignError with one line for a missing file or invalid YAML."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise ProtoalignError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ProtoalignError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def as_args(value, where: str) -> tuple[str, ...]:
     """Turn a YAML list of strings/numbers, or a mapping {--flag: value}, into an argument tuple.
 

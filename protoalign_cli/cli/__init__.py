@@ -47,9 +47,9 @@ def main():
 
 
 def _register() -> None:
-    from protoalign_cli.cli import bench, diagnose, extract, finetune, prototypes
+    from protoalign_cli.cli import bench, diagnose, extract, finetune, prototypes, tune
 
-    for module in (extract, prototypes, finetune, diagnose, bench):
+    for module in (extract, prototypes, finetune, diagnose, bench, tune):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -19,11 +19,13 @@ from protoalign_cli.errors import ProtoalignError
 REGISTRY: dict[str, type[Method]] = {kind.kind: kind for kind in (Naive, Align, Multihead, Lora, Freeze, Scratch, Select)}
 
 
-def parse_method(entry: dict, index: int) -> Method:
-    """Parse entry ``index`` of a config's ``methods:`` list with the class of its ``method:`` kind."""
+def parse_method(entry: dict, index: int, section: str = "methods") -> Method:
+    """Parse entry ``index`` of a config's ``methods:`` list (``section``: the list's name in errors, e.g. a tune
+    file's 'candidates') with the class of its ``method:`` kind."""
+    where = f"{section}[{index}]"
     if not isinstance(entry, dict) or "method" not in entry:
-        raise ProtoalignError(f"methods[{index}] must be a mapping with a 'method' key ({', '.join(REGISTRY)})")
+        raise ProtoalignError(f"{where} must be a mapping with a 'method' key ({', '.join(REGISTRY)})")
     kind = entry["method"]
     if not isinstance(kind, str) or kind not in REGISTRY:
-        raise ProtoalignError(f"methods[{index}]: unknown method {kind!r}; choose from {', '.join(REGISTRY)}")
-    return REGISTRY[kind].from_entry(entry, f"methods[{index}]")
+        raise ProtoalignError(f"{where}: unknown method {kind!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[kind].from_entry(entry, where)

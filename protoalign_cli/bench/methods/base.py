@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 from protoalign_cli.bench.command import executable
 from protoalign_cli.bench.values import as_args, harness_clash, int_list
@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 COMMON_KEYS = frozenset({"name", "method", "args", "budgets", "seeds", "refit_offset"})
 
 
-def fine_tuning_arguments(config: BenchConfig) -> list[str]:
+class TrainingSettings(Protocol):
+    """What a method's training command reads from the settings it is given (a ``BenchConfig``, or tune's
+    settings): the foundation model it fine-tunes."""
+
+    foundation_model: Path
+
+
+def fine_tuning_arguments(config: TrainingSettings) -> list[str]:
     """mace_run_train arguments that fine-tune the foundation model in single-head mode."""
     return ["--foundation_model", str(config.foundation_model), "--multiheads_finetuning", "False"]
 
@@ -101,7 +108,7 @@ class Method:
         """The source products this method's runs read, by key (they enter the fingerprint by content)."""
         return {}
 
-    def mace_arguments(self, config: BenchConfig, products: dict[str, Path]) -> list[str]:
+    def mace_arguments(self, config: TrainingSettings, products: dict[str, Path]) -> list[str]:
         """This method's mace_run_train arguments, after those the harness sets for every run."""
         return [*fine_tuning_arguments(config), *self.args]
 
