@@ -364,6 +364,27 @@ def test_identical_training_of_another_bench_is_reused_under_any_entry_name(tmp_
     assert json.loads((layout.run_dir(runs[0]) / "done.json").read_text()) == reused[0]
 
 
+def test_summarize_writes_the_summaries_of_committed_runs_and_trains_nothing(tmp_path, tiny_model, molecules_xyz):
+    committed = BenchLayout(tmp_path / "committed")
+    path = write_config(tmp_path, tiny_model, molecules_xyz, "  - {method: naive}",
+                        extra=f"reuse_runs_from: [{committed.out}]")
+    config, scratch = load_config(path), BenchLayout(tmp_path / "scratch")
+    runs = plan_runs(config)
+    prepare_splits(config, scratch, runs)
+    done = {**row("naive", 6, 0, 5.0, 7.0), "fingerprint": run_fingerprint(config, scratch, runs[0], {}),
+            "force_mae_mev_per_a": 30.0, "wall_time_s": 12.0}
+    (committed.run_dir(runs[0])).mkdir(parents=True)
+    (committed.run_dir(runs[0]) / "done.json").write_text(json.dumps(done))
+    out = tmp_path / "fresh"
+    output = run_bench(path, "--out", out, "--summarize")
+    assert "2 runs: 1 done, 1 not finished (not trained: summaries only)" in output
+    assert not list(out.glob("runs/*/*/train.log")) and not list(out.glob("logs/*.log"))
+    with open(out / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["seed"], float(r["energy_mae_mev"])) for r in rows] == [("naive", "0", 7.0)]
+    assert (out / "summary.md").is_file()
+
+
 # fingerprints of the bench before it became a package (protoalign_cli/bench.py at 884e3e5): finished
 # runs of existing bench folders must keep being recognised, resumed and reused
 FINGERPRINTS = {

@@ -193,9 +193,12 @@ def learning_curve_figure(rows: Sequence[dict], methods: Sequence[str]):
                           marker="osD^vP*X"[position % 8], linestyle=("-", "--", ":", "-.")[position % 4], capsize=3,
                           label=method)
     all_budgets = sorted({r["n_train"] for r in rows})
-    for axis, label in zip(axes, CURVE_COLUMNS.values()):
+    for axis, (column, label) in zip(axes, CURVE_COLUMNS.items()):
         axis.set_xscale("log")
-        axis.set_yscale("log")
+        if any((r.get(column) or 0) > 0 for r in rows):  # runs finished before a metric existed may lack it
+            axis.set_yscale("log")
+        else:
+            axis.text(0.5, 0.5, "no finished run has this metric", transform=axis.transAxes, ha="center")
         axis.set_xticks(all_budgets, [str(n) for n in all_budgets])  # the budgets, and only they, on the N axis
         axis.xaxis.set_minor_locator(NullLocator())
         axis.yaxis.set_major_formatter(plain_number_formatter())

@@ -43,12 +43,14 @@ def prepare(config: BenchConfig, out: Path, say=print) -> tuple[BenchLayout, lis
     return layout, runs, products
 
 
-def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print, only: Sequence[str] = ()) -> dict:
+def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print, only: Sequence[str] = (),
+             train: bool = True) -> dict:
     """Run every unfinished run, ``jobs`` at a time (subprocesses), then write the summaries.
 
     Each run is a ``protoalign bench CONFIG --out OUT --run-index I`` subprocess (as in a SLURM
     array), its output in logs/. ``only``: run just these methods' runs this time (the summaries
-    still cover every finished run). Returns {"done", "ran", "failed", "outputs"}.
+    still cover every finished run). ``train`` False: train nothing, only summarise the finished runs
+    (this folder's and the identical ones of ``reuse_runs_from``). Returns {"done", "ran", "failed", "outputs"}.
     """
     if jobs < 1:
         raise ProtoalignError("--jobs must be >= 1")
@@ -58,8 +60,12 @@ def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print
         raise ProtoalignError(f"--only {unknown[0]}: not a trained method of {config.path.name} ({', '.join(trained)})")
     layout, runs, products = prepare(config, out, say)
     todo, n_done = _runs_to_do(config, layout, [r for r in runs if not only or r.method in only], len(runs), products, say)
-    say(f"{len(runs)} runs{' (' + ', '.join(only) + ' only)' if only else ''}: {n_done} already done, "
-        f"{len(todo)} to run, {jobs} at a time")
+    if not train:
+        say(f"{len(runs)} runs: {n_done} done, {len(todo)} not finished (not trained: summaries only)")
+        todo = []
+    else:
+        say(f"{len(runs)} runs{' (' + ', '.join(only) + ' only)' if only else ''}: {n_done} already done, "
+            f"{len(todo)} to run, {jobs} at a time")
     failed = _schedule(config, layout, todo, jobs, pool_environment(jobs), len(runs), say)
     outputs = summarize(config, layout)
     result = {"done": n_done + len(todo) - len(failed), "ran": len(todo) - len(failed), "failed": [r.label for r in failed],

@@ -19,9 +19,12 @@ from protoalign_cli.bench import DEFAULT_JOBS, DEFAULT_OUT_ROOT
               help="With --slurm: an extra #SBATCH line (repeatable), e.g. --sbatch-option=--gres=gpu:1.")
 @click.option("--only", multiple=True, metavar="METHOD",
               help="Run only this method's runs this time (repeatable); the summaries cover every finished run.")
+@click.option("--summarize", is_flag=True,
+              help="Train nothing: write the summaries from the finished runs (this folder's, and the identical "
+                   "committed ones that reuse_runs_from names, e.g. on a fresh machine).")
 @click.option("--run-index", type=int, default=None, help="Run only this run of the grid (what each array task calls).")
 @click.option("--expect-run", default=None, hidden=True, help="METHOD/N<N>_seed<S> that --run-index must be.")
-def bench_command(config, out, jobs, slurm, sbatch_options, only, run_index, expect_run):
+def bench_command(config, out, jobs, slurm, sbatch_options, only, summarize, run_index, expect_run):
     """Run a grid of fine-tuning runs (methods x budgets x seeds) from CONFIG.yaml and summarise it.
 
     \b
@@ -30,6 +33,7 @@ def bench_command(config, out, jobs, slurm, sbatch_options, only, run_index, exp
     protoalign bench my_bench.yaml --slurm --sbatch-option=--gres=gpu:1
     sbatch bench_runs/<name in my_bench.yaml>/bench.sbatch
     protoalign bench my_bench.yaml
+    protoalign bench benchmarks/configs/aspirin_anicc_recipe.yaml --summarize   # from committed results
 
     Writes OUT/runs.csv, OUT/summary.md (mean ± sd over seeds, paired % difference to plain
     fine-tuning) and OUT/learning_curve.png. See benchmarks/configs/ for examples.
@@ -52,7 +56,7 @@ def bench_command(config, out, jobs, slurm, sbatch_options, only, run_index, exp
         script = write_slurm_script(settings, out, say, sbatch_options)
         click.echo(f"wrote {script}; submit it with `sbatch {script}`, then rerun this command without --slurm to summarise")
         return
-    result = run_grid(settings, out, jobs, say, only)
+    result = run_grid(settings, out, jobs, say, only, train=not summarize)
     click.echo(f"{result['done']} runs done ({result['ran']} this time); summary in {result['outputs']['summary']}")
 
 
