@@ -5,7 +5,8 @@ mace_run_train with the short and the converged recipe on the same draws, all ev
     python benchmarks/compare_tune.py --bench-out bench_runs/aspirin_anicc_tune_compare --tune-root bench_runs/tune_aspirin
 
 Runs `protoalign tune` (resumable) on each draw's training file (splits/N25_seed<s>/train.xyz of the bench folder),
-with the default candidates, --valid-fraction 0.2 and --max-epochs E (a bounded recipe for a CPU), then evaluates
+with the default candidates, --valid-fraction 0.2 --order-key frame (the draw is in random order; validation is its
+5 latest frames in time) and --max-epochs E (a bounded recipe for a CPU), then evaluates
 each best.model on the bench's test frames (float64) and prints the paired table (Markdown) and writes it as JSON.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 def tune_draw(foundation: Path, train: Path, out: Path, max_epochs: int, jobs: int) -> None:
     """Run (or resume) protoalign tune on one draw."""
     subprocess.run(["protoalign", "tune", "--foundation-model", str(foundation), "--train", str(train),
-                    "--valid-fraction", "0.2", "--max-epochs", str(max_epochs), "--jobs", str(jobs),
+                    "--valid-fraction", "0.2", "--order-key", "frame", "--max-epochs", str(max_epochs), "--jobs", str(jobs),
                     "--out", str(out)], check=True)
 
 
