@@ -9,8 +9,11 @@ training set and the validation error says little about new data. The order is t
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from protoalign_cli.errors import ProtoalignError
 
@@ -55,7 +58,9 @@ def key_values(frames: Sequence, key: str, path: Path) -> list[float]:
     values = []
     for index, atoms in enumerate(frames):
         value = atoms.info.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # ase reads integers and floats of the comment line as numpy scalars
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)) \
+                or not math.isfinite(value):
             raise ProtoalignError(f"{path}, configuration {index}: --order-key {key!r} needs a finite number in "
                                   f"every configuration's info, got {value!r}")
         values.append(float(value))
