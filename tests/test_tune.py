@@ -299,7 +299,7 @@ def test_a_validation_file_or_an_order_key_defines_the_split(tmp_path, tiny_mode
 
     frames = ase.io.read(molecules_xyz, ":")
     for position, atoms in enumerate(frames):
-        atoms.info["time"] = float((position * 7) % 24)  # a shuffled file with its time stamps
+        atoms.info["time"] = (position * 7) % 24  # a shuffled file with integer time stamps (ase reads numpy ints)
     ase.io.write(tmp_path / "shuffled.xyz", frames[:20])
     ase.io.write(tmp_path / "valid.xyz", frames[20:])
     out = tmp_path / "file"
