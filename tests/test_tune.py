@@ -17,7 +17,7 @@ from protoalign_cli.errors import ProtoalignError
 from protoalign_cli.tune.candidates import (active_candidates, cap_epochs, for_epochs, load_candidates, option_value,
                                             parse_candidates, retrain_epochs, with_option)
 from protoalign_cli.tune.data import contiguous_block, contiguous_folds, order_by_key, validation_splits
-from protoalign_cli.tune.plan import plan_tasks, training_groups
+from protoalign_cli.tune.plan import plan_tasks, training_groups, training_key
 from protoalign_cli.tune.settings import differing_settings
 from protoalign_cli.tune.task import epochs_run, kept_epoch
 
@@ -142,6 +142,15 @@ def test_twins_share_one_training_task_per_fold():
     assert [(t.index, t.trainer, t.fold) for t in tasks] == [(0, "a", "fold1"), (1, "a", "fold2"), (2, "b", "fold1"),
                                                              (3, "b", "fold2")]
     assert tasks[0].label == "a + a_refit, fold1"
+
+
+def test_recipes_that_train_the_same_share_a_task_whatever_their_spelling():
+    recipe = ["mace_run_train", "--name", "model", "--lr", "0.005", "--max_num_epochs", "100"]
+    assert training_key(recipe) == training_key([*recipe[:5], "--max_num_epochs", "200", "--max_num_epochs=100"])
+    assert training_key(recipe) != training_key([*recipe, "--lr", "0.003"])
+    align = ["protoalign", "finetune", "--prototypes", "p.h5", "--align-weight", "0.01", "--", *recipe[1:]]
+    assert training_key(align) != training_key([*align[:5], "1", *align[6:]])  # the program's own options count
+    assert training_key(align) != training_key(recipe)
 
 
 def test_only_training_settings_make_an_output_folder_another_tune():

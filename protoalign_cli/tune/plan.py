@@ -1,7 +1,7 @@
 """Where a tune writes and what it trains: the output folders, the tasks, each task's command and fingerprint.
 
-A task is one training on one fold. Candidates whose trainings are the same command (a candidate and its
-``refit_offset`` twin) share a task: it trains once, in the first one's folder, and evaluates each of them
+A task is one training on one fold. Candidates whose trainings are the same (a candidate and its ``refit_offset``
+twin; recipes that --max-epochs makes equal) share a task: it trains once, in the first one's folder, and evaluates each of them
 (the twin on its refit copy). Tasks are numbered candidate by candidate, fold by fold; with --folds, the
 winner's final retrain on every configuration is one more task after them (fold 'all').
 """
@@ -99,13 +99,24 @@ def no_gain_verdict(diagnose_dir: Path) -> str | None:
     return next((line for line in verdict if NO_GAIN in line), None)
 
 
-def training_groups(commands: dict[str, tuple[str, ...]], refits: dict[str, bool]) -> list[tuple[str, ...]]:
-    """Candidate names (keys of ``commands``, in order) grouped by identical training command, in order of first
-    appearance; in each group the candidates that do not refit their offset (``refits``) come first."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name, command in commands.items():
-        groups.setdefault(command, []).append(name)
+def training_groups(trainings: dict[str, tuple], refits: dict[str, bool]) -> list[tuple[str, ...]]:
+    """Candidate names (keys of ``trainings``, in order) grouped by identical training (``training_key``), in order
+    of first appearance; in each group the candidates that do not refit their offset (``refits``) come first."""
+    groups: dict[tuple, list[str]] = {}
+    for name, training in trainings.items():
+        groups.setdefault(training, []).append(name)
     return [tuple(sorted(names, key=lambda name: refits[name])) for names in groups.values()]
+
+
+def training_key(argv: Sequence[str]) -> tuple:
+    """What a training command trains, whatever its spelling: the program with its own options, and the
+    mace_run_train arguments as mace's parser reads them (a repeated option counts once, with its last value), so
+    that candidates whose recipes coincide (e.g. 100 and 200 epochs both capped by --max-epochs) share a training."""
+    from protoalign_cli.mace.arguments import parse_mace_args
+
+    start = argv.index("--") + 1 if "--" in argv else 1
+    parsed = vars(parse_mace_args(argv[start:]))
+    return tuple(argv[:start]), tuple(sorted((key, repr(value)) for key, value in parsed.items()))
 
 
 def plan_tasks(groups: Sequence[tuple[str, ...]], folds: Sequence[str]) -> list[Task]:
@@ -188,8 +199,8 @@ def build_plan(settings: TuneSettings, candidates: CandidateSet, layout: TuneLay
                                         no_gain_verdict(layout.diagnose_dir), settings.keep_alignment)
     folds = fold_names(settings.folds)
     plan = TunePlan(settings, layout, candidates, active, skipped, folds, [])
-    commands = {method.name: tuple(plan.command(method.name, folds[0])) for method in active}
-    plan.tasks = plan_tasks(training_groups(commands, {m.name: m.refit_offset for m in active}), folds)
+    trainings = {method.name: training_key(plan.command(method.name, folds[0])) for method in active}
+    plan.tasks = plan_tasks(training_groups(trainings, {m.name: m.refit_offset for m in active}), folds)
     return plan
 
 
