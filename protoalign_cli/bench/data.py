@@ -30,7 +30,7 @@ def read_target_frames(config: BenchConfig) -> list:
     Every frame needs finite positions and the energy (``atoms.info``) and forces (``atoms.arrays``)
     labels of the config, finite, as the training and the evaluation read them.
     """
-    from protoalign_cli.io.structures import label_keys, read_structures
+    from protoalign_cli.io.structures import check_every_label, read_structures
 
     split = config.split
     needed = max(split.pool[1], split.valid[1], split.test[1])
@@ -39,12 +39,7 @@ def read_target_frames(config: BenchConfig) -> list:
         atoms_list = read_structures(path, "target", [config.energy_key, config.forces_key])
         if len(atoms_list) < needed:
             raise ProtoalignError(f"{path} has {len(atoms_list)} frames; the split needs {needed}")
-        for i, atoms in enumerate(atoms_list):
-            for what, key, labels in (("energy", config.energy_key, atoms.info),
-                                      ("forces", config.forces_key, atoms.arrays)):
-                if key not in labels:
-                    raise ProtoalignError(f"{path}, configuration {i}: no {what} label {key!r} "
-                                          f"(keys: {', '.join(label_keys([atoms])) or 'none'})")
+        check_every_label(path, atoms_list, config.energy_key, config.forces_key)
         frames.append(atoms_list)
     return frames
 

@@ -117,6 +117,16 @@ def check_label_keys(path: Path | str, frames: Sequence, keys: Mapping[str, str]
                                   f"(keys: {', '.join(label_keys(frames)) or 'none'})")
 
 
+def check_every_label(path: Path | str, frames: Sequence, energy_key: str, forces_key: str) -> None:
+    """Refuse a configuration without its energy (``atoms.info``) or forces (``atoms.arrays``) label, naming the
+    file, the configuration and the label keys it does have (every configuration trained or evaluated needs both)."""
+    for index, atoms in enumerate(frames):
+        for what, key, labels in (("energy", energy_key, atoms.info), ("forces", forces_key, atoms.arrays)):
+            if key not in labels:
+                raise ProtoalignError(f"{path}, configuration {index}: no {what} label {key!r} "
+                                      f"(keys: {', '.join(label_keys([atoms])) or 'none'})")
+
+
 def iter_structures(path: Path, index: slice | str = ":", keys: Sequence[str] = (),
                     role: str = "structure") -> Iterator:
     """Yield the ase.Atoms of the configurations of a file ASE can read (all, or an index slice).

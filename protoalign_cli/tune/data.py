@@ -71,16 +71,11 @@ def read_labelled(path: Path, energy_key: str, forces_key: str, role: str) -> li
     """Every configuration of a file, each with a finite energy (``atoms.info``, eV) and finite forces
     (``atoms.arrays``, eV/Å) under the given keys and finite positions; ProtoalignError naming file and
     configuration otherwise."""
-    from protoalign_cli.io.structures import check_label_keys, read_structures
+    from protoalign_cli.io.structures import check_every_label, check_label_keys, read_structures
 
     frames = read_structures(path, role, [energy_key, forces_key])
-    labels = {"energy": energy_key, "forces": forces_key}
-    check_label_keys(path, frames, labels, role)
-    for index, atoms in enumerate(frames):
-        for what, key, where in (("energy", energy_key, atoms.info), ("forces", forces_key, atoms.arrays)):
-            if key not in where:
-                raise ProtoalignError(f"{path}, configuration {index}: no {what} label {key!r}; every configuration "
-                                      "is trained or validated on, so each needs both labels")
+    check_label_keys(path, frames, {"energy": energy_key, "forces": forces_key}, role)
+    check_every_label(path, frames, energy_key, forces_key)
     return frames
 
 
