@@ -16,10 +16,11 @@ from helpers import assert_one_line_error
 from protoalign_cli.bench.config import load_config
 from protoalign_cli.bench.data import prepare_splits, training_order
 from protoalign_cli.bench.evaluate import shifted_metrics
-from protoalign_cli.bench.layout import (BenchLayout, claimed, lock_holder, plan_runs, reuse_finished, run_fingerprint,
-                                         training_command)
+from protoalign_cli.bench.layout import (BenchLayout, Run, claimed, lock_holder, plan_runs, reuse_finished,
+                                         run_fingerprint, training_command)
 from protoalign_cli.bench.methods import parse_method
 from protoalign_cli.bench.report import CSV_COLUMNS, collect_rows, summary_markdown
+from protoalign_cli.bench.schedule import chunk_of_grid
 from protoalign_cli.bench.source import prepare_source, source_products
 from protoalign_cli.bench.stats import (
     error_metrics,
@@ -517,6 +518,9 @@ def test_tiny_grid_outputs_and_resumption(tmp_path, tiny_model, molecules_xyz):
     before = done_times(out)
 
     (out / "runs" / "align-1e-2" / "N6_seed0" / "done.json").unlink()
+    output = run_bench(config, "--out", out, "--seed", "1")  # a chunk without the missing run trains nothing
+    assert "4 runs (2 chosen by --only/--budget/--seed): 2 already done, 0 to run" in output
+    assert ": running" not in output
     output = run_bench(config, "--out", out)
     assert "4 runs: 3 already done, 1 to run" in output
     assert [line for line in output.splitlines() if ": running" in line] == ["[3/4] align-1e-2 N=6 seed=0: running"]
@@ -544,7 +548,21 @@ def test_slurm_script_and_changed_settings_are_refused(tmp_path, tiny_model, mol
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--run-index", "2"])
     assert assert_one_line_error(result) == "Error: --run-index 2 is outside 0..1"
     result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--only", "lora"])
-    assert_one_line_error(result, "--only lora: not a trained method")
+    assert_one_line_error(result, "--only lora: no trained run of")
+    result = CliRunner().invoke(main, ["bench", str(config), "--out", str(out), "--seed", "7"])
+    assert assert_one_line_error(result).endswith("--seed 7: no trained run of bench.yaml has it (0, 1)")
+
+
+def test_a_chunk_of_the_grid_is_the_runs_with_every_asked_property():
+    runs = [Run(i, method, n, seed) for i, (method, n, seed) in
+            enumerate((m, n, s) for m in ("naive", "lora") for n in (10, 25) for s in (0, 1, 2))]
+    assert chunk_of_grid(runs, (), (), (), "grid.yaml") == runs
+    chunk = chunk_of_grid(runs, (), [25], [1, 2], "grid.yaml")
+    assert [(r.method, r.n_train, r.seed) for r in chunk] == [("naive", 25, 1), ("naive", 25, 2), ("lora", 25, 1),
+                                                             ("lora", 25, 2)]
+    assert [r.index for r in chunk_of_grid(runs, ["lora"], [10], [0], "grid.yaml")] == [6]
+    with pytest.raises(ProtoalignError, match=r"^--budget 50: no trained run of grid.yaml has it \(10, 25\)$"):
+        chunk_of_grid(runs, (), [50], (), "grid.yaml")
 
 
 def test_run_needs_only_its_own_source_products(tmp_path, tiny_model, molecules_xyz):

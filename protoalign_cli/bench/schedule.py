@@ -44,28 +44,25 @@ def prepare(config: BenchConfig, out: Path, say=print) -> tuple[BenchLayout, lis
 
 
 def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print, only: Sequence[str] = (),
-             train: bool = True) -> dict:
+             train: bool = True, budgets: Sequence[int] = (), seeds: Sequence[int] = ()) -> dict:
     """Run every unfinished run, ``jobs`` at a time (subprocesses), then write the summaries.
 
     Each run is a ``protoalign bench CONFIG --out OUT --run-index I`` subprocess (as in a SLURM
-    array), its output in logs/. ``only``: run just these methods' runs this time (the summaries
-    still cover every finished run). ``train`` False: train nothing, only summarise the finished runs
+    array), its output in logs/. ``only``, ``budgets``, ``seeds``: run just these methods', budgets' and seeds'
+    runs this time (a chunk of a grid; the summaries still cover every finished run). ``train`` False: train nothing, only summarise the finished runs
     (this folder's and the identical ones of ``reuse_runs_from``). Returns {"done", "ran", "failed", "outputs"}.
     """
     if jobs < 1:
         raise ProtoalignError("--jobs must be >= 1")
-    trained = [m.name for m in config.methods if m.trains]
-    unknown = [name for name in only if name not in trained]
-    if unknown:
-        raise ProtoalignError(f"--only {unknown[0]}: not a trained method of {config.path.name} ({', '.join(trained)})")
+    chosen = chunk_of_grid(plan_runs(config), only, budgets, seeds, config.path.name)
     layout, runs, products = prepare(config, out, say)
-    todo, n_done = _runs_to_do(config, layout, [r for r in runs if not only or r.method in only], len(runs), products, say)
+    todo, n_done = _runs_to_do(config, layout, [r for r in runs if r in chosen], len(runs), products, say)
     if not train:
         say(f"{len(runs)} runs: {n_done} done, {len(todo)} not finished (not trained: summaries only)")
         todo = []
     else:
-        say(f"{len(runs)} runs{' (' + ', '.join(only) + ' only)' if only else ''}: {n_done} already done, "
-            f"{len(todo)} to run, {jobs} at a time")
+        chunk = f" ({len(chosen)} chosen by --only/--budget/--seed)" if len(chosen) < len(runs) else ""
+        say(f"{len(runs)} runs{chunk}: {n_done} already done, {len(todo)} to run, {jobs} at a time")
     failed = _schedule(config, layout, todo, jobs, pool_environment(jobs), len(runs), say)
     outputs = summarize(config, layout)
     result = {"done": n_done + len(todo) - len(failed), "ran": len(todo) - len(failed), "failed": [r.label for r in failed],
@@ -74,6 +71,21 @@ def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print
         raise ProtoalignError(f"{len(failed)} run(s) failed ({', '.join(r.label for r in failed)}); "
                               f"see {layout.out / 'logs'}; rerun the same command to retry only those")
     return result
+
+
+def chunk_of_grid(runs: list[Run], methods: Sequence[str], budgets: Sequence[int], seeds: Sequence[int],
+                  config_name: str) -> list[Run]:
+    """The runs of ``runs`` whose method, budget and seed are among those asked for (an empty choice keeps all).
+    A name or number that no run of the grid has is an error, not an empty chunk."""
+    for option, asked, present in (("--only", methods, [r.method for r in runs]),
+                                   ("--budget", budgets, [r.n_train for r in runs]),
+                                   ("--seed", seeds, [r.seed for r in runs])):
+        missing = [value for value in asked if value not in present]
+        if missing:
+            known = ", ".join(str(v) for v in dict.fromkeys(present))
+            raise ProtoalignError(f"{option} {missing[0]}: no trained run of {config_name} has it ({known})")
+    return [r for r in runs if (not methods or r.method in methods) and (not budgets or r.n_train in budgets)
+            and (not seeds or r.seed in seeds)]
 
 
 def _runs_to_do(config: BenchConfig, layout: BenchLayout, runs: list[Run], total: int, products: dict[str, Path],

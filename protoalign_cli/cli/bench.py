@@ -19,16 +19,22 @@ from protoalign_cli.bench import DEFAULT_JOBS, DEFAULT_OUT_ROOT
               help="With --slurm: an extra #SBATCH line (repeatable), e.g. --sbatch-option=--gres=gpu:1.")
 @click.option("--only", multiple=True, metavar="METHOD",
               help="Run only this method's runs this time (repeatable); the summaries cover every finished run.")
+@click.option("--budget", "budgets", type=int, multiple=True, metavar="N",
+              help="Run only the runs with this training-set size this time (repeatable).")
+@click.option("--seed", "seeds", type=int, multiple=True, metavar="S",
+              help="Run only this seed's runs this time (repeatable); e.g. one seed of every method per session.")
 @click.option("--summarize", is_flag=True,
               help="Train nothing: write the summaries from the finished runs (this folder's, and the identical "
                    "committed ones that reuse_runs_from names, e.g. on a fresh machine).")
 @click.option("--run-index", type=int, default=None, help="Run only this run of the grid (what each array task calls).")
 @click.option("--expect-run", default=None, hidden=True, help="METHOD/N<N>_seed<S> that --run-index must be.")
-def bench_command(config, out, jobs, slurm, sbatch_options, only, summarize, run_index, expect_run):
+def bench_command(config, out, jobs, slurm, sbatch_options, only, budgets, seeds, summarize, run_index,
+                  expect_run):
     """Run a grid of fine-tuning runs (methods x budgets x seeds) from CONFIG.yaml and summarise it.
 
     \b
     protoalign bench benchmarks/configs/aspirin_xtb.yaml --jobs 2     # rerun it to resume
+    protoalign bench benchmarks/configs/aspirin_xtb.yaml --seed 1 --jobs 2   # one chunk of the grid
     # on a cluster: write OUT/bench.sbatch, submit it, then summarise
     protoalign bench my_bench.yaml --slurm --sbatch-option=--gres=gpu:1
     sbatch bench_runs/<name in my_bench.yaml>/bench.sbatch
@@ -56,7 +62,7 @@ def bench_command(config, out, jobs, slurm, sbatch_options, only, summarize, run
         script = write_slurm_script(settings, out, say, sbatch_options)
         click.echo(f"wrote {script}; submit it with `sbatch {script}`, then rerun this command without --slurm to summarise")
         return
-    result = run_grid(settings, out, jobs, say, only, train=not summarize)
+    result = run_grid(settings, out, jobs, say, only, train=not summarize, budgets=budgets, seeds=seeds)
     click.echo(f"{result['done']} runs done ({result['ran']} this time); summary in {result['outputs']['summary']}")
 
 
