@@ -103,8 +103,8 @@ def default_dtype(dtype: str):
         torch.set_default_dtype(previous)
 
 
-def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):
-    """Load a MACE checkpoint for inference: eval mode, no parameter gradients, given dtype/device."""
+def read_checkpoint(path: Path, device: str = "cpu"):
+    """A MACE checkpoint as saved (its own dtype, training mode): checked to be a MACE model."""
     import_mace_quietly()
     import torch
 
@@ -117,10 +117,22 @@ def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):
     missing = [name for name in ("interactions", "products", "readouts", "atomic_energies_fn") if not hasattr(model, name)]
     if not isinstance(model, torch.nn.Module) or missing:
         raise ProtoalignError(f"{path} is not a MACE model checkpoint (it holds a {type(model).__name__})")
+    return model
+
+
+def for_inference(model, device: str = "cpu", dtype: str = "float64"):
+    """``model`` in eval mode, without parameter gradients, in the given dtype and device (in place)."""
+    import torch
+
     model = model.to(device=device, dtype=getattr(torch, dtype))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
+
+
+def load_model(path: Path, device: str = "cpu", dtype: str = "float64"):
+    """Load a MACE checkpoint for inference: eval mode, no parameter gradients, given dtype/device."""
+    return for_inference(read_checkpoint(path, device), device, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,15 +94,18 @@ def refit_model_offset(model_path: Path, configurations: Sequence, energy_key: s
                        out: Path, device: str = "cpu") -> OffsetRefit:
     """Refit the E0s of the model at ``model_path`` on labelled ase ``configurations`` (``energy_key``, eV) and save
     the corrected model to ``out`` (written whole, then renamed)."""
+    import copy
+
     import torch
 
     from protoalign_cli.io.outputs import atomic_output
     from protoalign_cli.mace.latents import latents_of_atoms
-    from protoalign_cli.mace.models import PRETRAINING_HEAD, describe_model, load_model
+    from protoalign_cli.mace.models import PRETRAINING_HEAD, describe_model, for_inference, read_checkpoint
 
     labelled = [atoms for atoms in configurations if energy_key in atoms.info]
-    trained = torch.load(model_path, map_location=device, weights_only=False)
-    model = load_model(model_path, device, str(next(trained.parameters()).dtype).replace("torch.", ""))
+    trained = read_checkpoint(model_path, device)
+    dtype = str(next(trained.parameters()).dtype).replace("torch.", "")
+    model = for_inference(copy.deepcopy(trained), device, dtype)  # the saved copy keeps its training state
     info = describe_model(model, model_path)
     head = head or next(h for h in info.heads if h != PRETRAINING_HEAD)
     if head not in info.heads:
