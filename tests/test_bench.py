@@ -612,7 +612,7 @@ def test_offset_refit_changes_only_the_energies_of_a_run(tmp_path, tiny_model, m
     config = write_config(tmp_path, tiny_model, molecules_xyz, methods)
     (tmp_path / "bench.yaml").write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
     out = tmp_path / "out"
-    output = run_bench(config, "--out", out, "--jobs", "1")
+    output = run_bench(config, "--out", out, "--jobs", "2")  # the refit waits for the training it shares
     with open(out / "runs.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     plain, refit = rows["naive"], rows["naive-refit"]

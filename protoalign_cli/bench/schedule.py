@@ -63,7 +63,9 @@ def run_grid(config: BenchConfig, out: Path, jobs: int = DEFAULT_JOBS, say=print
     else:
         chunk = f" ({len(chosen)} chosen by --only/--budget/--seed)" if len(chosen) < len(runs) else ""
         say(f"{len(runs)} runs{chunk}: {n_done} already done, {len(todo)} to run, {jobs} at a time")
-    failed = _schedule(config, layout, todo, jobs, pool_environment(jobs), len(runs), say)
+    waiting = refits_of_pending_trainings(config, layout, todo, products)
+    failed = [run for batch in ([r for r in todo if r not in waiting], waiting)
+              for run in _schedule(config, layout, batch, jobs, pool_environment(jobs), len(runs), say)]
     outputs = summarize(config, layout)
     result = {"done": n_done + len(todo) - len(failed), "ran": len(todo) - len(failed), "failed": [r.label for r in failed],
               "outputs": outputs}
@@ -86,6 +88,15 @@ def chunk_of_grid(runs: list[Run], methods: Sequence[str], budgets: Sequence[int
             raise ProtoalignError(f"{option} {missing[0]}: no trained run of {config_name} has it ({known})")
     return [r for r in runs if (not methods or r.method in methods) and (not budgets or r.n_train in budgets)
             and (not seeds or r.seed in seeds)]
+
+
+def refits_of_pending_trainings(config: BenchConfig, layout: BenchLayout, todo: list[Run],
+                                products: dict[str, Path]) -> list[Run]:
+    """The runs of ``todo`` that only add the offset refit to a training another run of ``todo`` does: they run
+    after it (then they refit its model in seconds) instead of beside it (training the same model again)."""
+    trainings = {run_fingerprint(config, layout, run, products) for run in todo}
+    return [run for run in todo if config.method(run.method).refit_offset
+            and run_fingerprint(config, layout, run, products, with_refit=False) in trainings]
 
 
 def _runs_to_do(config: BenchConfig, layout: BenchLayout, runs: list[Run], total: int, products: dict[str, Path],
