@@ -8,9 +8,9 @@
 #   6 epoch time of plain fine-tuning of the shared ANI-CC model on aspirin N = 50 (float64), cuda vs cpu
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-OUT="${OUT:-/tmp/cuda_checks_out}"; mkdir -p "$OUT"
+OUT="${OUT:-cuda_checks_out}"; mkdir -p "$OUT"
 exec > >(tee "$OUT/checks.log") 2>&1
-W=/tmp/cuda_checks; rm -rf "$W"; mkdir -p "$W"
+W=$(mktemp -d)  # work folder of the checks
 EX=examples; DATA=$EX/data
 step() {  # step NAME SECONDS COMMAND...: run with a limit, report exit status and wall time
     local name=$1 limit=$2; shift 2
